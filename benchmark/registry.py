@@ -1,0 +1,246 @@
+"""The plugin registry: names in YAML files -> Python objects.
+
+`registry.yaml` at the repository root is the one list of plugins. Each entry has a kind
+(`backbone`, `aggregator` or `dataset`), a `target` ("module:attr"), default `params`
+and `meta` (paper, weight licence, preprocessing contract). Installed third-party
+packages add entries through the entry-point group `gengeo_bench.plugins`: each entry
+point loads a mapping of the same shape as `registry.yaml` (or a callable returning
+one, or a path to such a YAML file).
+
+Parameters are checked against the target's signature and type hints when a config is
+loaded (`validate_params`), so a typo or a wrong type is a `ConfigError` naming the
+plugin and the parameter, not a crash deep inside a constructor. Parameters listed in
+`INJECTED` (such as an aggregator's `in_dim`, which comes from the backbone) are passed
+by the harness and may not be written in YAML.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import inspect
+import typing
+from dataclasses import dataclass, field
+from functools import lru_cache
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import pydantic
+import yaml
+
+from benchmark.errors import ConfigError
+
+KINDS = ("backbone", "aggregator", "dataset")
+ENTRY_POINT_GROUP = "gengeo_bench.plugins"
+REGISTRY_FILE = Path(__file__).resolve().parent.parent / "registry.yaml"
+
+# Parameters the harness supplies itself; a YAML file may not set them.
+INJECTED = {"aggregator": ("in_dim",), "backbone": (), "dataset": ()}
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One registered plugin."""
+
+    name: str
+    kind: str
+    target: str
+    params: dict[str, Any] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+    source: str = ""
+
+    def load(self) -> Any:
+        """Import and return the target class or function."""
+        module_name, _, attr = self.target.partition(":")
+        try:
+            module = importlib.import_module(module_name)
+            return getattr(module, attr)
+        except (ImportError, AttributeError) as exc:
+            raise ConfigError(
+                f"{self.source}: {self.kind} '{self.name}': target '{self.target}' cannot be "
+                f"imported ({exc}). Check the 'module:attr' spelling."
+            ) from exc
+
+
+def _entries_from_mapping(mapping: Any, source: str) -> list[Entry]:
+    if not isinstance(mapping, dict):
+        raise ConfigError(f"{source}: expected a mapping of kind -> name -> entry")
+    entries = []
+    for kind, plugins in mapping.items():
+        if kind not in KINDS:
+            raise ConfigError(f"{source}: unknown kind '{kind}'; expected one of {list(KINDS)}")
+        if not isinstance(plugins, dict):
+            raise ConfigError(f"{source}: {kind}: expected a mapping of name -> entry")
+        for name, spec in plugins.items():
+            where = f"{source}: {kind}.{name}"
+            if not isinstance(spec, dict) or "target" not in spec:
+                raise ConfigError(f"{where}: expected a mapping with a 'target: module:attr'")
+            unknown = set(spec) - {"target", "params", "meta"}
+            if unknown:
+                raise ConfigError(f"{where}: unknown keys {sorted(unknown)}")
+            if ":" not in str(spec["target"]):
+                raise ConfigError(f"{where}.target: expected 'module:attr', got {spec['target']!r}")
+            entries.append(
+                Entry(
+                    name=str(name),
+                    kind=kind,
+                    target=str(spec["target"]),
+                    params=dict(spec.get("params") or {}),
+                    meta=dict(spec.get("meta") or {}),
+                    source=source,
+                )
+            )
+    return entries
+
+
+def _load_yaml(path: Path) -> Any:
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: malformed YAML: {exc}") from exc
+
+
+def _entry_point_entries() -> list[Entry]:
+    entries = []
+    for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
+        source = f"entry point '{ep.name}' ({ep.value})"
+        obj = ep.load()
+        if callable(obj):
+            obj = obj()
+        if isinstance(obj, (str, Path)):
+            source = f"{obj} (via {source})"
+            obj = _load_yaml(Path(obj))
+        entries.extend(_entries_from_mapping(obj, source))
+    return entries
+
+
+def collect(extra: list[Entry] | None = None) -> dict[tuple[str, str], Entry]:
+    """All entries keyed by (kind, name); a duplicate name is an error naming both sources."""
+    entries = _entries_from_mapping(_load_yaml(REGISTRY_FILE), str(REGISTRY_FILE))
+    entries += _entry_point_entries()
+    entries += extra or []
+    table: dict[tuple[str, str], Entry] = {}
+    for entry in entries:
+        key = (entry.kind, entry.name)
+        if key in table:
+            raise ConfigError(
+                f"duplicate {entry.kind} '{entry.name}': defined in {table[key].source} "
+                f"and again in {entry.source}. Rename one of them."
+            )
+        table[key] = entry
+    return table
+
+
+@lru_cache(maxsize=1)
+def _table() -> dict[tuple[str, str], Entry]:
+    return collect()
+
+
+def reload() -> None:
+    """Forget the cached registry (after installing a plugin package, in tests)."""
+    _table.cache_clear()
+
+
+def names(kind: str) -> list[str]:
+    """Registered names of one kind, sorted."""
+    _check_kind(kind)
+    return sorted(name for (k, name) in _table() if k == kind)
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in KINDS:
+        raise ConfigError(f"unknown plugin kind '{kind}'; expected one of {list(KINDS)}")
+
+
+def get(kind: str, name: str) -> Entry:
+    """The entry for `name`; an unknown name lists the known ones and the closest match."""
+    _check_kind(kind)
+    entry = _table().get((kind, name))
+    if entry is None:
+        known = names(kind)
+        close = difflib.get_close_matches(str(name), known, n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        raise ConfigError(f"unknown {kind} '{name}'.{hint} Known {kind}s: {', '.join(known)}.")
+    return entry
+
+
+def _signature_params(target: Any) -> dict[str, inspect.Parameter]:
+    func = target.__init__ if inspect.isclass(target) else target
+    params = dict(inspect.signature(func).parameters)
+    params.pop("self", None)
+    return {n: p for n, p in params.items() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+
+
+def _type_hints(target: Any) -> dict[str, Any]:
+    func = target.__init__ if inspect.isclass(target) else target
+    try:
+        return typing.get_type_hints(func)
+    except Exception:  # unresolvable forward references: fall back to no type checks
+        return {}
+
+
+def validate_params(
+    kind: str, name: str, params: dict[str, Any], where: str = "", allow_injected: bool = False
+) -> dict[str, Any]:
+    """Defaults merged with `params`, each checked against the target's signature.
+
+    Returns the full keyword set (defaults included, values coerced to their declared
+    types). `where` prefixes messages (e.g. "studies/x.yaml: axes.aggregator[2]").
+    """
+    entry = get(kind, name)
+    target = entry.load()
+    signature = _signature_params(target)
+    hints = _type_hints(target)
+    prefix = f"{where}: " if where else ""
+    merged = {**entry.params, **params}
+    injected = INJECTED.get(kind, ())
+    out: dict[str, Any] = {}
+    for key, value in merged.items():
+        if key in injected and not allow_injected and key in params:
+            raise ConfigError(
+                f"{prefix}{kind} '{name}': parameter '{key}' is set by the harness "
+                f"(from the backbone); remove it from the config."
+            )
+        if key not in signature:
+            close = difflib.get_close_matches(key, list(signature), n=1)
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+            allowed = ", ".join(k for k in signature if k not in injected)
+            raise ConfigError(
+                f"{prefix}{kind} '{name}' has no parameter '{key}'.{hint} "
+                f"Its parameters are: {allowed}."
+            )
+        if key in hints:
+            try:
+                value = pydantic.TypeAdapter(hints[key]).validate_python(value, strict=False)
+            except pydantic.ValidationError as exc:
+                problem = exc.errors()[0]["msg"]
+                raise ConfigError(
+                    f"{prefix}{kind} '{name}': parameter '{key}' = {value!r}: {problem} "
+                    f"(expected {_type_name(hints[key])})."
+                ) from None
+        out[key] = value
+    missing = [
+        k
+        for k, p in signature.items()
+        if p.default is p.empty and k not in out and (allow_injected or k not in injected)
+    ]
+    if missing:
+        raise ConfigError(f"{prefix}{kind} '{name}': missing required parameter(s) {missing}.")
+    return out
+
+
+def _type_name(hint: Any) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+
+
+def build(kind: str, name: str, **params: Any) -> Any:
+    """Instantiate plugin `name` of `kind` with its defaults overridden by `params`."""
+    entry = get(kind, name)
+    full = validate_params(kind, name, params, allow_injected=True)
+    return entry.load()(**full)
+
+
+def meta(kind: str, name: str) -> dict[str, Any]:
+    """The metadata record of an entry (paper, licence, preprocessing contract)."""
+    return dict(get(kind, name).meta)
