@@ -1,0 +1,5 @@
+"""`python -m benchmark ...` is the `benchmark` command (torchrun uses this form)."""
+
+from benchmark.cli import main
+
+main()
