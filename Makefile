@@ -1,0 +1,29 @@
+# The README's two commands. Both are idempotent: the virtual environment is created and
+# the package installed only when pyproject.toml changed since the last install.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: quickstart test lint install
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	# torch first and pinned: pip takes the local CPU/CUDA wheels instead of a download.
+	$(BIN)/python -m pip install --quiet "torch==2.14.1" "torchvision==0.29.1"
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+## The main job on the embedded default (synthetic world, local SQLite stores).
+quickstart: $(STAMP)
+	$(BIN)/benchmark run --matrix studies/quickstart.yaml
+
+## The test suite (CPU, offline). CI runs exactly this.
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check benchmark backbones aggregators tests perf

@@ -1,0 +1,238 @@
+"""The Cell: one fully resolved unit of work (model, recipe, data, evaluation, seed).
+
+The runner expands a matrix into Cells, the tuner samples Cells, `benchmark train`
+reads one Cell from a YAML file; all of them validate through `load_cell` /
+`validate_cell` here, so a typo is a `ConfigError` naming the file and the field
+before any work starts.
+
+A Cell's id is a hash of its *semantic* content: what changes the numbers. Paths
+(dataset roots), worker counts and devices are left out, so moving a dataset or running
+on another machine keeps the id (and a finished Cell is not re-run).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import pydantic
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+from benchmark import registry
+from benchmark.errors import ConfigError
+from benchmark.model import check_share
+
+# Fields that do not change results: left out of the Cell id.
+NON_SEMANTIC = {("train", "num_workers"), ("evaluate", "num_workers"), ("evaluate", "batch_size")}
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class PluginRef(BaseModel):
+    """`{name: ..., <param>: value, ...}`: a registry name and its parameters."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class AggregatorRef(PluginRef):
+    share: Literal["none", "clusters", "all"] = "none"
+
+
+class ModelConfig(Strict):
+    backbone: PluginRef
+    aggregator: AggregatorRef
+    share_backbone: bool = True
+
+
+class DatasetRef(BaseModel):
+    """A dataset as a run sees it: loader name, root on disk and loader options."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str
+    root: str | None = None
+    train_split: str = "train"
+    test_split: str = "test"
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class ImageSize(Strict):
+    ground: tuple[int, int]
+    aerial: tuple[int, int]
+
+
+class TrainConfig(Strict):
+    dataset: str
+    epochs: int = Field(3, ge=0)
+    batch_size: int = Field(32, ge=2)
+    lr: float = Field(1e-4, gt=0, description="backbone learning rate")
+    head_lr: float = Field(1e-3, gt=0, description="aggregator (and temperature) learning rate")
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_epochs: float = Field(0.5, ge=0)
+    label_smoothing: float = Field(0.1, ge=0, lt=1)
+    temperature: float = Field(0.07, gt=0, description="initial InfoNCE temperature")
+    learn_temperature: bool = True
+    grad_clip: float | None = Field(1.0, gt=0)
+    sampler: Literal["random", "gps", "similarity"] = "random"
+    val_fraction: float = Field(0.1, ge=0, lt=1)
+    augment: bool = True
+    amp: Literal["auto", "off", "bf16", "fp16"] = "auto"
+    image_size: ImageSize | None = None
+    steps_per_epoch: int | None = Field(None, ge=1, description="cap (quick runs)")
+    num_workers: int = Field(0, ge=0)
+
+
+class EvaluateConfig(Strict):
+    on: list[str] = Field(default_factory=list, description="dataset keys; [] = the training one")
+    protocols: list[str] = Field(default_factory=lambda: ["none"])
+    batch_size: int = Field(64, ge=1)
+    num_workers: int = Field(0, ge=0)
+
+
+class Cell(Strict):
+    name: str = "cell"
+    model: ModelConfig
+    train: TrainConfig
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    datasets: dict[str, DatasetRef]
+    seed: int = 0
+
+    @property
+    def targets(self) -> list[str]:
+        return self.evaluate.on or [self.train.dataset]
+
+    def semantic(self) -> dict[str, Any]:
+        """The content that defines the Cell's results (no paths, workers, devices)."""
+        data = self.model_dump(mode="json")
+        data.pop("name")
+        for section, key in NON_SEMANTIC:
+            data[section].pop(key, None)
+        for ref in data["datasets"].values():
+            ref.pop("root", None)
+        return data
+
+    @property
+    def id(self) -> str:
+        canonical = json.dumps(self.semantic(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()[:12]
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+# --- loading -------------------------------------------------------------------------
+
+_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def interpolate_env(value: Any, source: str, path: str = "") -> Any:
+    """Replace `${VAR}` / `${VAR:-default}` in every string; a missing variable is an error."""
+    if isinstance(value, dict):
+        return {k: interpolate_env(v, source, f"{path}.{k}" if path else str(k))
+                for k, v in value.items()}
+    if isinstance(value, list):
+        return [interpolate_env(v, source, f"{path}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, str):
+        def substitute(match: re.Match) -> str:
+            name, default = match.group(1), match.group(2)
+            if name in os.environ:
+                return os.environ[name]
+            if default is not None:
+                return default
+            raise ConfigError(
+                f"{source}: {path}: environment variable {name} is not set "
+                f"(export {name}=... or write ${{{name}:-default}})."
+            )
+        return _ENV.sub(substitute, value)
+    return value
+
+
+def read_yaml(path: str | Path) -> Any:
+    """Parse a YAML file; malformed YAML or a missing file is a ConfigError naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: file not found.")
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: malformed YAML: {exc}") from None
+
+
+def format_loc(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def pydantic_error(exc: pydantic.ValidationError, source: str, prefix: str = "") -> ConfigError:
+    """The first validation problem as 'file: field.path: what is expected'."""
+    lines = []
+    for err in exc.errors()[:3]:
+        loc = format_loc(err["loc"])
+        path = f"{prefix}.{loc}" if prefix and loc else (prefix or loc)
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        if err["type"] == "missing":
+            msg = "required field is missing"
+        lines.append(f"{source}: {path}: {msg}" + (f" (got {err['input']!r})"
+                     if err["type"] not in ("missing", "extra_forbidden") else ""))
+    return ConfigError("; ".join(lines))
+
+
+def validate_cell(data: Any, source: str, prefix: str = "") -> Cell:
+    """A Cell from a plain dict, with every plugin name and parameter checked."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: {prefix or 'top level'}: expected a mapping")
+    try:
+        cell = Cell.model_validate(data)
+    except pydantic.ValidationError as exc:
+        raise pydantic_error(exc, source, prefix) from None
+    at = f"{prefix}." if prefix else ""
+    registry.validate_params("backbone", cell.model.backbone.name, cell.model.backbone.params,
+                             where=f"{source}: {at}model.backbone")
+    registry.validate_params("aggregator", cell.model.aggregator.name,
+                             cell.model.aggregator.params, where=f"{source}: {at}model.aggregator")
+    check_share(cell.model.aggregator.name, cell.model.aggregator.share,
+                where=f"{source}: {at}model.aggregator.share")
+    for key in [cell.train.dataset, *cell.evaluate.on]:
+        if key not in cell.datasets:
+            raise ConfigError(
+                f"{source}: {at}train.dataset / evaluate.on: dataset '{key}' is not defined "
+                f"under datasets (defined: {', '.join(cell.datasets) or 'none'})."
+            )
+    for key, ref in cell.datasets.items():
+        registry.validate_params(
+            "dataset", ref.name, {"split": ref.train_split, **ref.params}
+            | ({"root": ref.root} if ref.root is not None else {}),
+            where=f"{source}: {at}datasets.{key}",
+        )
+    from benchmark.protocols import parse_protocol
+
+    for i, text in enumerate(cell.evaluate.protocols):
+        try:
+            parse_protocol(text)
+        except ConfigError as exc:
+            raise ConfigError(f"{source}: {at}evaluate.protocols[{i}]: {exc}") from None
+    return cell
+
+
+def load_cell(path: str | Path) -> Cell:
+    """Read and validate a Cell YAML file (`benchmark train CELL.yaml`)."""
+    data = interpolate_env(read_yaml(path), str(path))
+    return validate_cell(data, str(path))

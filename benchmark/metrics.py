@@ -1,0 +1,190 @@
+"""Exact retrieval metrics with bounded memory, confidence intervals and paired tests.
+
+Definitions (see FORMATS.md): similarity is the inner product of L2-normalised
+descriptors; a query's rank is the number of gallery items scoring *strictly* higher
+than its ground truth (ties count in the query's favour); `R{K}` = 100 x mean(rank < K);
+`R1pct` uses K = max(1, floor(0.01 x gallery size)); VIGOR's `hit_rate` = 100 x share of
+queries where nothing but the positive and its semi-positives outranks the positive.
+
+How it stays exact in bounded memory: the gallery is searched for each query's top
+`k_max` items (FAISS `IndexFlatIP` on CPU, chunked matrix products on GPU), query chunk
+by query chunk, so no query x gallery similarity matrix ever exists. Every item that
+outranks the ground truth is in that list whenever the rank is below `k_max`, so ranks
+below `k_max` are exact and larger ranks are recorded as `k_max` (a lower bound; every
+R@K with K <= k_max is still exact). `k_max` covers every K the metrics need.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import torch
+
+QUERY_CHUNK = 4096
+
+
+def k_for_one_percent(gallery_size: int) -> int:
+    """The K of R@1%: max(1, floor(0.01 x gallery size)) (8,884 -> 88; 92,802 -> 928)."""
+    return max(1, int(gallery_size * 0.01))
+
+
+def topk_search(
+    query: np.ndarray, gallery: np.ndarray, k: int, device: str = "cpu", chunk: int | None = None
+) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+    """Yield (start, scores [c, k], indices [c, k]) per query chunk, best first.
+
+    CPU: an exact FAISS inner-product index. CUDA: chunked matrix products + topk.
+    """
+    k = min(k, len(gallery))
+    chunk = chunk or QUERY_CHUNK
+    if device.startswith("cuda"):
+        gallery_t = torch.as_tensor(gallery, device=device)
+        for start in range(0, len(query), chunk):
+            q = torch.as_tensor(query[start:start + chunk], device=device)
+            scores, indices = (q @ gallery_t.T).topk(k, dim=1)
+            yield start, scores.cpu().numpy(), indices.cpu().numpy()
+        return
+    import faiss
+
+    index = faiss.IndexFlatIP(gallery.shape[1])
+    index.add(np.ascontiguousarray(gallery, dtype=np.float32))
+    for start in range(0, len(query), chunk):
+        scores, indices = index.search(np.ascontiguousarray(query[start:start + chunk]), k)
+        yield start, scores, indices
+
+
+def _pad(rows: Sequence[np.ndarray], fill: int = -1) -> np.ndarray:
+    width = max((len(r) for r in rows), default=0)
+    out = np.full((len(rows), max(width, 1)), fill, dtype=np.int64)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = r
+    return out
+
+
+def query_ranks(
+    query: np.ndarray,
+    gallery: np.ndarray,
+    gt: np.ndarray,
+    k_max: int,
+    semi_positives: np.ndarray | None = None,
+    extra_positives: Sequence[np.ndarray] | None = None,
+    device: str = "cpu",
+    keep_top: int = 10,
+) -> dict[str, np.ndarray]:
+    """Per-query ranks (exact below `k_max`, else `k_max`), and the top `keep_top` indices.
+
+    `extra_positives[q]`: further gallery indices that also count as correct for query q
+    (CVACT's within-5-m protocol); the rank is then that of the best-scoring positive.
+    `semi_positives` `[Q, S]`: with it, `semi_hit[q]` says whether only semi-positives
+    outrank the positive.
+    """
+    query = np.ascontiguousarray(query, dtype=np.float32)
+    gallery = np.ascontiguousarray(gallery, dtype=np.float32)
+    gt = np.asarray(gt, dtype=np.int64)
+    n = len(query)
+    positives = gt[:, None]
+    if extra_positives is not None:
+        positives = _pad([np.concatenate([[g], np.asarray(e, np.int64)])
+                          for g, e in zip(gt, extra_positives, strict=True)])
+    ranks = np.empty(n, dtype=np.int64)
+    top = np.empty((n, min(keep_top, len(gallery))), dtype=np.int64)
+    semi_hit = np.empty(n, dtype=bool) if semi_positives is not None else None
+    need = max(k_max, 5 if semi_positives is not None else 1)
+    for start, scores, indices in topk_search(query, gallery, need, device):
+        stop = start + len(scores)
+        pos = positives[start:stop]
+        is_pos = (indices[:, :, None] == pos[:, None, :]).any(axis=2)  # [c, k]
+        found = is_pos.any(axis=1)
+        first = is_pos.argmax(axis=1)
+        # Score of the best positive: from the search itself when listed (same
+        # arithmetic as its competitors), else a direct product (then it ranks >= k).
+        best = scores[np.arange(len(scores)), first]
+        if not found.all():
+            rows = np.flatnonzero(~found)
+            cand = pos[rows]
+            vecs = gallery[np.clip(cand, 0, None)]  # [r, P, D]
+            dots = np.einsum("rd,rpd->rp", query[start + rows], vecs)
+            dots[cand < 0] = -np.inf
+            best[rows] = dots.max(axis=1)
+        above = scores > best[:, None]
+        ranks[start:stop] = np.minimum(above.sum(axis=1), k_max)
+        top[start:stop] = indices[:, : top.shape[1]]
+        if semi_positives is not None:
+            semis = np.asarray(semi_positives[start:stop], dtype=np.int64)
+            is_semi = (indices[:, :, None] == semis[:, None, :]).any(axis=2)
+            # Outranked by something that is neither a semi-positive nor the positive.
+            # When the positive is not listed, every listed item outranks it.
+            semi_hit[start:stop] = found & ~(above & ~is_semi).any(axis=1)
+    out = {"ranks": ranks, "top": top}
+    if semi_hit is not None:
+        out["semi_hit"] = semi_hit
+    return out
+
+
+def recall_at(ranks: np.ndarray, k: int) -> float:
+    """100 x share of queries with rank < k."""
+    return float(100.0 * np.mean(ranks < k)) if len(ranks) else float("nan")
+
+
+def retrieval_metrics(
+    query: np.ndarray,
+    gallery: np.ndarray,
+    gt: np.ndarray,
+    ks: Sequence[int] = (1, 5, 10),
+    semi_positives: np.ndarray | None = None,
+    extra_positives: Sequence[np.ndarray] | None = None,
+    device: str = "cpu",
+    return_ranks: bool = False,
+) -> dict:
+    """`R{K}` for K in `ks`, `R1pct`, and with `semi_positives` VIGOR's `hit_rate` (percent).
+
+    `query` `[Q, D]` and `gallery` `[G, D]` are float32, L2-normalised; `gt` `[Q]` gives
+    each query's gallery index; `semi_positives` `[Q, 3]` int. With `return_ranks` the
+    dict also holds `ranks` (and `semi_hit`), the per-query arrays the confidence
+    intervals and paired tests use.
+    """
+    if len(query) != len(gt):
+        raise ValueError(f"{len(query)} queries but {len(gt)} ground-truth indices")
+    k_pct = k_for_one_percent(len(gallery))
+    k_max = max([*ks, k_pct])
+    result = query_ranks(query, gallery, gt, k_max, semi_positives, extra_positives, device)
+    metrics: dict = {f"R{k}": recall_at(result["ranks"], k) for k in ks}
+    metrics["R1pct"] = recall_at(result["ranks"], k_pct)
+    if semi_positives is not None:
+        metrics["hit_rate"] = float(100.0 * result["semi_hit"].mean())
+    if return_ranks:
+        metrics.update(result)
+    return metrics
+
+
+def bootstrap_ci(
+    hits: np.ndarray, n_boot: int = 2000, confidence: float = 0.95, seed: int = 0
+) -> tuple[float, float]:
+    """Percentile bootstrap interval (percent) of the mean of per-query 0/1 hits."""
+    hits = np.asarray(hits, dtype=np.float64)
+    if len(hits) == 0:
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    # Resampling n 0/1 hits with replacement draws Binomial(n, mean) ones: sampling that
+    # directly is the same bootstrap distribution at no memory cost.
+    means = rng.binomial(len(hits), hits.mean(), size=n_boot) / len(hits)
+    alpha = (1.0 - confidence) / 2.0
+    lo, hi = np.quantile(means, [alpha, 1.0 - alpha])
+    return float(100.0 * lo), float(100.0 * hi)
+
+
+def mcnemar(hits_a: np.ndarray, hits_b: np.ndarray) -> dict[str, float]:
+    """Exact McNemar test on paired per-query hits of two evaluations of the same queries.
+
+    b = queries only A gets right, c = only B; p = two-sided binomial test of b vs c.
+    """
+    from scipy.stats import binomtest
+
+    hits_a, hits_b = np.asarray(hits_a, bool), np.asarray(hits_b, bool)
+    if hits_a.shape != hits_b.shape:
+        raise ValueError(f"paired test needs the same queries: {hits_a.shape} vs {hits_b.shape}")
+    b = int(np.sum(hits_a & ~hits_b))
+    c = int(np.sum(~hits_a & hits_b))
+    p = 1.0 if b + c == 0 else float(binomtest(b, b + c, 0.5).pvalue)
+    return {"only_a": b, "only_b": c, "p_value": p}
