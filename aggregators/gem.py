@@ -1,0 +1,47 @@
+"""GeM: generalised-mean pooling of the patch map.
+
+Radenović, Tolias, Chum, "Fine-tuning CNN Image Retrieval with No Human Annotation",
+IEEE TPAMI, 2018.
+
+    d_c = ( mean_{i} clamp(x_{c,i}, eps)^p )^(1/p)
+
+p = 1 is average pooling, p -> inf tends to max pooling; p is learned (initialised at 3).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from benchmark.errors import ConfigError
+from benchmark.features import Features
+
+
+class GeM(nn.Module):
+    """Generalised-mean pooling over the patch map; `out_dim` = `in_dim`."""
+
+    # No cluster-assignment space: `share: clusters` has nothing to tie.
+    cluster_params: tuple[str, ...] = ()
+
+    def __init__(self, in_dim: int, p: float = 3.0, eps: float = 1e-6) -> None:
+        super().__init__()
+        if in_dim <= 0:
+            raise ConfigError(f"aggregator 'gem': in_dim must be positive, got {in_dim}")
+        if p <= 0:
+            raise ConfigError(f"aggregator 'gem': p must be positive, got {p}")
+        if eps <= 0:
+            raise ConfigError(f"aggregator 'gem': eps must be positive, got {eps}")
+        self.in_dim = in_dim
+        self.out_dim = in_dim
+        self.eps = eps
+        self.p = nn.Parameter(torch.tensor([float(p)]))
+
+    def forward(self, features: Features) -> torch.Tensor:
+        x = features.patches
+        # The clamp keeps x^p real and differentiable in p (log x is needed for dp).
+        pooled = x.clamp(min=self.eps).pow(self.p).mean(dim=(2, 3)).pow(1.0 / self.p)
+        return F.normalize(pooled, p=2, dim=1)
+
+    def extra_repr(self) -> str:
+        return f"in_dim={self.in_dim}, p={self.p.item():.4f}, eps={self.eps}"
