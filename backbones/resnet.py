@@ -1,0 +1,163 @@
+"""ResNet backbones, built with timm.
+
+Paper: "Deep Residual Learning for Image Recognition" (He et al., CVPR 2016); the timm
+ImageNet weights: "ResNet strikes back: An improved training procedure in timm"
+(Wightman et al., NeurIPS 2021 workshop).
+
+`ResNet(images)` returns `Features(patches [B, C, H/32, W/32], cls=None)`: the map of the
+last stage (timm's `forward_features`: stem, layer1..layer4, no pooling). Input sides must
+be multiples of 32 (the total stride) so that the map covers the image exactly.
+
+Weights: `pretrained: true` loads timm's default weights for `arch` from the Hugging Face
+cache (see `benchmark.weights`); `weights: PATH` loads a local timm / torchvision-layout
+state dict (the classifier `fc.*` is ignored). With both set, `weights` wins and nothing
+is downloaded. Small test variants: set `layers` (blocks per stage) and `channels` (width
+per stage); the stem is then as wide as the first stage.
+
+`trainable_blocks: N` trains the last N of the 4 stages; the stem and earlier stages are
+frozen, run under `torch.no_grad()` and keep their BatchNorm statistics (eval mode) while
+training. 0 freezes everything, null trains everything.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import timm
+import torch
+from timm.models.resnet import ResNet as TimmResNet
+from torch import nn
+
+from benchmark.errors import ConfigError, WeightsError
+from benchmark.features import Features
+from benchmark.weights import (
+    check_input_size,
+    check_trainable_blocks,
+    create_timm_pretrained,
+    load_into,
+    load_state_dict_file,
+    strip_prefix,
+    train_only,
+    unwrap_state_dict,
+)
+
+NUM_STAGES = 4
+
+
+class ResNet(nn.Module):
+    """A timm ResNet returning its last feature map (no class token)."""
+
+    def __init__(
+        self,
+        arch: str = "resnet50",
+        pretrained: bool = False,
+        weights: str | None = None,
+        trainable_blocks: int | None = None,
+        layers: list[int] | None = None,
+        channels: list[int] | None = None,
+    ) -> None:
+        super().__init__()
+        self.arch = arch
+        what = f"ResNet '{arch}'"
+        overrides: dict[str, object] = {}
+        for key, value in (("layers", layers), ("channels", channels)):
+            if value is None:
+                continue
+            if len(value) != NUM_STAGES or min(value) < 1:
+                raise ConfigError(
+                    f"{what}: {key} = {value}: expected {NUM_STAGES} positive integers "
+                    f"(one per stage)."
+                )
+            overrides[key] = tuple(int(v) for v in value)
+        if channels is not None:
+            overrides["stem_width"] = int(channels[0])
+        if pretrained and overrides and weights is None:
+            raise ConfigError(
+                f"{what}: pretrained: true cannot be combined with layers / channels; "
+                f"the released weights only fit the default size."
+            )
+        if not timm.is_model(arch):
+            known = ", ".join(timm.list_models("resnet*"))
+            raise ConfigError(f"{what}: unknown timm model. ResNets in timm: {known}.")
+        kwargs = {"num_classes": 0, **overrides}
+        if pretrained and weights is None:
+            model = create_timm_pretrained(arch, **kwargs)
+        else:
+            model = timm.create_model(arch, pretrained=False, **kwargs)
+        if not isinstance(model, TimmResNet):
+            raise ConfigError(f"{what}: expected a timm ResNet, got {type(model)}.")
+        self.model = model
+        if weights is not None:
+            self.load_weights(weights)
+
+        self.out_dim: int = model.num_features
+        self.patch_size: int = 32
+        self.num_blocks: int = NUM_STAGES
+        self.mean: tuple[float, ...] = tuple(model.pretrained_cfg["mean"])
+        self.std: tuple[float, ...] = tuple(model.pretrained_cfg["std"])
+        self.trainable_blocks = check_trainable_blocks(trainable_blocks, NUM_STAGES, what)
+        if self.trainable_blocks is not None:
+            n = self.trainable_blocks
+            train_only(model, self.stages[NUM_STAGES - n :])
+        self._what = what
+
+    @property
+    def stages(self) -> list[nn.Module]:
+        """layer1 .. layer4."""
+        return [self.model.layer1, self.model.layer2, self.model.layer3, self.model.layer4]
+
+    @property
+    def stem(self) -> list[nn.Module]:
+        """The modules before layer1."""
+        return [self.model.conv1, self.model.bn1, self.model.act1, self.model.maxpool]
+
+    @property
+    def is_frozen(self) -> bool:
+        """True when nothing trains (the engine may cache this backbone's features)."""
+        return self.trainable_blocks == 0
+
+    @property
+    def first_trainable_block(self) -> int:
+        """Index of the first stage that trains (4 when frozen)."""
+        if self.trainable_blocks is None:
+            return 0
+        return NUM_STAGES - self.trainable_blocks
+
+    def train(self, mode: bool = True) -> ResNet:
+        """Frozen parts stay in eval mode: their BatchNorm statistics do not move."""
+        super().train(mode)
+        if mode and self.trainable_blocks is not None:
+            for part in self.stem + self.stages[: self.first_trainable_block]:
+                part.eval()
+        return self
+
+    def forward(self, images: torch.Tensor) -> Features:
+        check_input_size(images.shape[2], images.shape[3], self.patch_size, self._what)
+        grad = torch.is_grad_enabled()
+        x = images
+        with torch.set_grad_enabled(grad and self.trainable_blocks is None):
+            for part in self.stem:
+                x = part(x)
+        first = self.first_trainable_block
+        for index, stage in enumerate(self.stages):
+            with torch.set_grad_enabled(grad and index >= first):
+                x = stage(x)
+        return Features(x, None)
+
+    def load_weights(
+        self, source: str | Path | Mapping[str, torch.Tensor], prefix: str = ""
+    ) -> None:
+        """Load a file or state dict with timm keys or this module's keys (`model.`)."""
+        if isinstance(source, (str, Path)):
+            name = str(source)
+            state = load_state_dict_file(source)
+        else:
+            name = "state dict"
+            state = unwrap_state_dict(source)
+        state = strip_prefix(state, prefix)
+        if not state:
+            raise WeightsError(f"{name}: no weights under the key prefix '{prefix}'.")
+        if all(k.startswith("model.") for k in state):
+            state = strip_prefix(state, "model.")
+        load_into(self.model, state, name, ignore_prefixes=("fc.",))
