@@ -80,6 +80,118 @@ def list_plugins(kind: str | None) -> None:
         console.print(table)
 
 
+def _metrics_table(title: str, metrics: dict[str, float]) -> None:
+    """Print `test/<dataset>[/<protocol>]/<metric>` values as one row per evaluation."""
+    from rich.table import Table
+
+    rows: dict[str, dict[str, float]] = {}
+    for key, value in metrics.items():
+        prefix, _, name = key.rpartition("/")
+        rows.setdefault(prefix, {})[name] = value
+    columns = ["R1", "R5", "R10", "R1pct", "hit_rate"]
+    table = Table(title=title, title_justify="left")
+    table.add_column("evaluation")
+    for c in columns + ["R1 95% CI", "queries"]:
+        table.add_column(c, justify="right")
+    for prefix, values in sorted(rows.items()):
+        cells = [f"{values[c]:.2f}" if c in values else "-" for c in columns]
+        ci = (f"[{values['R1_ci_low']:.1f}, {values['R1_ci_high']:.1f}]"
+              if "R1_ci_low" in values else "-")
+        queries = (f"{int(values['queries_evaluated']):,}/{int(values['queries_total']):,}"
+                   if "queries_total" in values else "-")
+        table.add_row(prefix, *cells, ci, queries)
+    console.print(table)
+
+
+@cli.command()
+@click.argument("cell_file", type=click.Path(dir_okay=False))
+@click.option("--workdir", type=click.Path(file_okay=False), default=None,
+              help="Where checkpoints, ranks and metrics go (default: runs/<name>-<cell id>).")
+@click.option("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available).")
+@click.option("--no-resume", is_flag=True, help="Start over even if a checkpoint exists.")
+@click.option("--no-cache", is_flag=True, help="Do not read or write descriptor/feature caches.")
+def train(cell_file: str, workdir: str | None, device: str | None, no_resume: bool,
+          no_cache: bool) -> None:
+    """Train one Cell and evaluate it on every target.
+
+    CELL_FILE is a YAML Cell: model (backbone, aggregator with share, share_backbone),
+    train (dataset, epochs, batch_size, lr, head_lr, sampler, ...), evaluate (on,
+    protocols), datasets and seed. A killed run resumes from its last epoch when the same
+    command runs again. Multi-GPU: `torchrun --nproc_per_node N -m benchmark train CELL`.
+    """
+    from pathlib import Path
+
+    from benchmark.config import load_cell
+    from benchmark.engine import run_cell
+
+    cell = load_cell(cell_file)
+    out = Path(workdir) if workdir else Path("runs") / f"{cell.name}-{cell.id}"
+    console.print(f"Cell [bold]{cell.name}[/bold] id {cell.id} -> {out}")
+    result = run_cell(cell, out, device=device, resume=not no_resume, use_cache=not no_cache)
+    if result.metrics:
+        _metrics_table(f"{cell.name} ({cell.id}), best epoch {result.outcome.best_epoch}",
+                       result.metrics)
+        console.print(f"checkpoint: {out / 'best.pt'}   per-query ranks: {out / 'ranks'}")
+
+
+@cli.command()
+@click.option("--checkpoint", required=True, type=click.Path(dir_okay=False, exists=True),
+              help="A best.pt or checkpoint.pt written by `benchmark train` or a matrix run.")
+@click.option("--dataset", required=True, help="Registered dataset name (see `benchmark list dataset`).")
+@click.option("--root", default=None, help="Dataset root folder (not needed for synthetic).")
+@click.option("--split", default="test", show_default=True, help="Which split to evaluate.")
+@click.option("--option", "options", multiple=True, metavar="KEY=VALUE",
+              help="Loader option, e.g. --option protocol=within_5m or --option region=suburb.")
+@click.option("--protocol", "protocols", multiple=True, default=["none"], show_default=True,
+              help="Robustness protocol(s): none, fov:90, fov:90:known, misalign:shift=20,rot=10.")
+@click.option("--device", default=None, help="cpu, cuda or cuda:N.")
+@click.option("--batch-size", default=64, show_default=True)
+def evaluate(checkpoint: str, dataset: str, root: str | None, split: str, options: tuple[str, ...],
+             protocols: tuple[str, ...], device: str | None, batch_size: int) -> None:
+    """Evaluate a trained checkpoint on a dataset split and print R@1/5/10/1%.
+
+    Metrics follow FORMATS.md: ranks count gallery items scoring strictly higher than the
+    ground truth; R@K comes with a 95% bootstrap interval; per-query ranks are written
+    next to the checkpoint under eval/.
+    """
+    from pathlib import Path
+
+    import torch
+    import yaml
+
+    from benchmark.config import DatasetRef, validate_cell
+    from benchmark.engine import evaluate_targets
+    from benchmark.errors import ConfigError
+    from benchmark.train import build_model, default_device
+
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    if "cell_yaml" not in state:
+        raise ConfigError(f"{checkpoint}: not a GenGeo Bench checkpoint (no cell_yaml record).")
+    data = yaml.safe_load(state["cell_yaml"])
+    params = {}
+    for text in options:
+        key, sep, value = text.partition("=")
+        if not sep:
+            raise ConfigError(f"--option {text!r}: expected KEY=VALUE.")
+        params[key] = yaml.safe_load(value)
+    data["datasets"]["_eval"] = DatasetRef(name=dataset, root=root, test_split=split,
+                                           train_split=split, **params).model_dump()
+    data["evaluate"]["on"] = ["_eval"]
+    data["evaluate"]["protocols"] = list(protocols)
+    data["evaluate"]["batch_size"] = batch_size
+    cell = validate_cell(data, "--dataset/--option/--protocol")
+    model = build_model(cell)
+    model.load_state_dict(state["model"])
+    dev = torch.device(device) if device else default_device()
+    model.to(dev)
+    out = Path(checkpoint).parent / "eval" / dataset
+    metrics, _, _, coverage = evaluate_targets(cell, model, dev, out, feature_bank=None)
+    metrics = {k.replace("test/_eval", f"test/{dataset}"): v for k, v in metrics.items()}
+    _metrics_table(f"{checkpoint} on {dataset} ({split})", metrics)
+    for prefix, text in coverage.items():
+        console.print(f"{prefix.replace('_eval', dataset)}: {text}")
+
+
 def main() -> None:
     """Console-script entry point: user-facing errors print one paragraph, no traceback."""
     try:

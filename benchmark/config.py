@@ -222,11 +222,11 @@ def validate_cell(data: Any, source: str, prefix: str = "") -> Cell:
             | ({"root": ref.root} if ref.root is not None else {}),
             where=f"{source}: {at}datasets.{key}",
         )
-    from benchmark.protocols import parse_protocol
+    from benchmark.protocols import Protocol
 
     for i, text in enumerate(cell.evaluate.protocols):
         try:
-            parse_protocol(text)
+            Protocol.parse(text)
         except ConfigError as exc:
             raise ConfigError(f"{source}: {at}evaluate.protocols[{i}]: {exc}") from None
     return cell
