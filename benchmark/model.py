@@ -129,7 +129,9 @@ def _unique(params: list[nn.Parameter]) -> list[nn.Parameter]:
     return out
 
 
-def import_dinov2_salad(path: str | Path, **salad_params: Any) -> CrossViewModel:
+def import_dinov2_salad(
+    path: str | Path, backbone_params: dict[str, Any] | None = None, **salad_params: Any
+) -> CrossViewModel:
     """A `dinov2_vitb14` + `salad` model loaded from a published DINOv2-SALAD checkpoint.
 
     The checkpoint (Izquierdo & Civera, CVPR 2024 release) holds torch.hub DINOv2 keys
@@ -137,15 +139,12 @@ def import_dinov2_salad(path: str | Path, **salad_params: Any) -> CrossViewModel
     Lightning `state_dict`. One backbone and one head serve both views, as in the
     original single-branch place-recognition model.
     """
-    from backbones.dinov2 import import_hub_state_dict
-
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"DINOv2-SALAD checkpoint not found: {path}")
     state = torch.load(path, map_location="cpu", weights_only=True)
     state = state.get("state_dict", state)
-    backbone_state = {k[len("backbone.model."):]: v for k, v in state.items()
-                      if k.startswith("backbone.model.")}
+    backbone_state = {k: v for k, v in state.items() if k.startswith("backbone.model.")}
     head_state = {k[len("aggregator."):]: v for k, v in state.items() if k.startswith("aggregator.")}
     if not backbone_state or not head_state:
         raise WeightsError(
@@ -156,12 +155,11 @@ def import_dinov2_salad(path: str | Path, **salad_params: Any) -> CrossViewModel
     params.update(salad_params)
     model = CrossViewModel(
         "dinov2_vitb14", "salad",
-        backbone_params={"pretrained": False},
+        backbone_params={"pretrained": False, **(backbone_params or {})},
         aggregator_params=params,
         share_backbone=True,
         share="all",
     )
-    timm_model = model.ground_backbone.model
-    timm_model.load_state_dict(import_hub_state_dict(backbone_state, timm_model))
+    model.ground_backbone.load_weights(backbone_state, prefix="backbone.model.")
     model.ground_head.load_state_dict(head_state)
     return model
