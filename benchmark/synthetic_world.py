@@ -624,7 +624,7 @@ class World:
     # --- the scene function -------------------------------------------------------------
 
     def sample(self, x, y, *, colors: bool = True, transients: Transients | None = None,
-               fuzz=0.0) -> dict:
+               fuzz=0.0, ground_view: bool = False) -> dict:
         """Evaluate the scene at points (x, y) (1-D arrays, metres).
 
         Returns a dict of arrays: `h` (height-field top), `clo`/`chi` (crown interval,
@@ -633,7 +633,8 @@ class World:
         texture), `floor` (window storey height), `along` (coordinate along a facade),
         `nx`, `ny` (world-frame facade normal), `shade` (crown/leaf texture factor).
         `fuzz` (metres, scalar or per point) thickens thin walls and trunks so that a
-        coarse ray step does not jump over them. `transients` adds vehicles and people.
+        coarse ray step does not jump over them. `transients` adds vehicles and people;
+        `ground_view=True` (the panorama) also shows the ground-only extra boxes.
         """
         x = np.asarray(x, dtype=np.float32).ravel()
         y = np.asarray(y, dtype=np.float32).ravel()
@@ -642,7 +643,7 @@ class World:
         out = self._procedural(x, y, colors, transients, fuzz) if self.procedural else \
             self._flat(x, y, colors)
         if self.boxes:
-            self._apply_boxes(out, x, y, colors, transients is not None)
+            self._apply_boxes(out, x, y, colors, ground_view)
         return out
 
     def _flat(self, x, y, colors):
@@ -669,9 +670,9 @@ class World:
             )
         return out
 
-    def _apply_boxes(self, out, x, y, colors, with_transients):
+    def _apply_boxes(self, out, x, y, colors, ground_view):
         for box in self.boxes:
-            if box.ground_only and not with_transients:
+            if box.ground_only and not ground_view:
                 continue
             inside = (x >= box.x0) & (x < box.x1) & (y >= box.y0) & (y < box.y1)
             if not inside.any():
@@ -1319,7 +1320,8 @@ def render_panorama(
         px = f32(x) + dirx[todo, None] * dist[None, k0:k1]
         py = f32(y) + diry[todo, None] * dist[None, k0:k1]
         fz = np.broadcast_to(step[None, k0:k1] * f32(0.6), px.shape)
-        g = world.sample(px.ravel(), py.ravel(), colors=False, transients=tr, fuzz=fz.ravel())
+        g = world.sample(px.ravel(), py.ravel(), colors=False, transients=tr, fuzz=fz.ravel(),
+                         ground_view=True)
         shape = (todo.size, k1 - k0)
         hgt[todo, k0:k1] = g["h"].reshape(shape)
         chi[todo, k0:k1] = g["chi"].reshape(shape)
@@ -1372,7 +1374,7 @@ def render_panorama(
     qx_pts = np.concatenate([gx[ground], f32(x) + dirx[oc] * dist[ok_]])
     qy_pts = np.concatenate([gy[ground], f32(y) + diry[oc] * dist[ok_]])
     qfuzz = np.concatenate([np.zeros(int(ground.sum()), f32), step[ok_] * f32(0.6)])
-    full = world.sample(qx_pts, qy_pts, colors=True, transients=tr, fuzz=qfuzz)
+    full = world.sample(qx_pts, qy_pts, colors=True, transients=tr, fuzz=qfuzz, ground_view=True)
     n_ground = int(ground.sum())
     lookup = np.full(Ww * D, -1, np.int64)
     lookup[obj_flat] = np.arange(obj_flat.size) + n_ground
