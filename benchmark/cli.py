@@ -115,7 +115,7 @@ def train(cell_file: str, workdir: str | None, device: str | None, no_resume: bo
     """Train one Cell and evaluate it on every target.
 
     CELL_FILE is a YAML Cell: model (backbone, aggregator with share, share_backbone),
-    train (dataset, epochs, batch_size, lr, head_lr, sampler, ...), evaluate (on,
+    train (dataset, epochs, batch_size, lr, head_lr, sampler, ...), evaluate (targets,
     protocols), datasets and seed. A killed run resumes from its last epoch when the same
     command runs again. Multi-GPU: `torchrun --nproc_per_node N -m benchmark train CELL`.
     """
@@ -176,7 +176,7 @@ def evaluate(checkpoint: str, dataset: str, root: str | None, split: str, option
         params[key] = yaml.safe_load(value)
     data["datasets"]["_eval"] = DatasetRef(name=dataset, root=root, test_split=split,
                                            train_split=split, **params).model_dump()
-    data["evaluate"]["on"] = ["_eval"]
+    data["evaluate"]["targets"] = ["_eval"]
     data["evaluate"]["protocols"] = list(protocols)
     data["evaluate"]["batch_size"] = batch_size
     cell = validate_cell(data, "--dataset/--option/--protocol")
@@ -190,6 +190,142 @@ def evaluate(checkpoint: str, dataset: str, root: str | None, split: str, option
     _metrics_table(f"{checkpoint} on {dataset} ({split})", metrics)
     for prefix, text in coverage.items():
         console.print(f"{prefix.replace('_eval', dataset)}: {text}")
+
+
+@cli.command()
+@click.option("--matrix", "matrix_file", required=True, type=click.Path(dir_okay=False),
+              help="Matrix YAML, e.g. studies/quickstart.yaml.")
+@click.option("--tracking-uri", default=None,
+              help="MLflow store (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here).")
+@click.option("--reports-dir", default="reports", show_default=True, help="Where reports go.")
+@click.option("--runs-dir", default="runs", show_default=True,
+              help="Checkpoints and per-query ranks, one folder per Cell id.")
+@click.option("--dry-run", is_flag=True, help="List the Cells and what is done; run nothing.")
+@click.option("--keep-going", is_flag=True, help="A failing Cell does not stop the others.")
+@click.option("--dev", is_flag=True,
+              help="Smoke mode: 1 epoch of 2 steps per Cell, into a separate '<name>-dev' experiment.")
+@click.option("--only", default=None, metavar="PATTERN",
+              help="Run only Cells whose label (glob, e.g. '*salad*') or id prefix matches.")
+@click.option("--device", default=None, help="cpu, cuda or cuda:N.")
+@click.option("--no-report", is_flag=True, help="Skip the report at the end.")
+def run(matrix_file: str, tracking_uri: str | None, reports_dir: str, runs_dir: str, dry_run: bool,
+        keep_going: bool, dev: bool, only: str | None, device: str | None, no_report: bool) -> None:
+    """Run every Cell of a matrix file, tracked in MLflow, then write the report.
+
+    Each Cell trains once and is evaluated on every target and protocol. Running the
+    same command again skips finished Cells and resumes interrupted ones from their last
+    epoch. Results: the MLflow store (`benchmark ui`), reports/<name>/ (tables, figures).
+    """
+    import sys
+
+    from benchmark.runner import run_matrix
+
+    if dev:
+        matrix_file = _dev_matrix(matrix_file)
+    outcomes = run_matrix(matrix_file, tracking_uri, reports_dir, runs_dir, dry_run, keep_going,
+                          only, device, report=not no_report)
+    if any(o.status == "failed" for o in outcomes):
+        sys.exit(1)
+
+
+def _dev_matrix(matrix_file: str) -> str:
+    """A copy of the matrix with tiny training budgets, under the name '<name>-dev'."""
+    import tempfile
+
+    from benchmark.config import read_yaml
+
+    data = read_yaml(matrix_file)
+    if isinstance(data, dict):
+        data["name"] = f"{data.get('name', 'matrix')}-dev"
+        train = data.setdefault("defaults", {}).setdefault("train", {})
+        train.update(epochs=1, steps_per_epoch=2)
+    import yaml
+
+    handle = tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False, prefix="dev-")
+    handle.write(yaml.safe_dump(data, sort_keys=False))
+    handle.close()
+    return handle.name
+
+
+@cli.command()
+@click.option("--matrix", "matrix_file", default=None, type=click.Path(dir_okay=False),
+              help="Report the experiment named in this matrix file (and its baseline).")
+@click.option("--experiment", default=None, help="Or: the MLflow experiment name.")
+@click.option("--reports-dir", default="reports", show_default=True)
+@click.option("--tracking-uri", default=None, help="MLflow store (default as for `run`).")
+def report(matrix_file: str | None, experiment: str | None, reports_dir: str,
+           tracking_uri: str | None) -> None:
+    """Write report tables (Markdown, CSV, LaTeX) and figures for a matrix's runs.
+
+    Reads the finished runs back from MLflow: the transfer table (train x test dataset),
+    the sharing x dustbin ablation, backbone x aggregator, robustness (protocol x method),
+    deltas against the baseline with McNemar p-values, heatmaps, R@K and training curves.
+    """
+    from benchmark.errors import ConfigError
+    from benchmark.report import report_command_impl
+
+    if not matrix_file and not experiment:
+        raise ConfigError("benchmark report: give --matrix FILE or --experiment NAME.")
+    folder = report_command_impl(matrix_file, experiment, reports_dir, tracking_uri)
+    console.print(f"report: {folder / 'index.md'}")
+
+
+@cli.command()
+@click.option("--tracking-uri", default=None, help="MLflow store (default as for `run`).")
+@click.option("--port", default=5000, show_default=True)
+def ui(tracking_uri: str | None, port: int) -> None:
+    """Start the MLflow UI on 127.0.0.1 for the current store.
+
+    Compare Cells in the UI's compare view; search runs with e.g.
+    `params.aggregator.share = 'clusters' and params.backbone.name = 'dinov2_tiny'`.
+    """
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from benchmark.tracking import tracking_uri as resolve
+
+    uri = resolve(tracking_uri)
+    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
+               "--host", "127.0.0.1", "--port", str(port)]
+    if uri.startswith("sqlite:///"):
+        artifacts = Path(uri[len("sqlite:///"):]).parent / "mlartifacts"
+        command += ["--default-artifact-root", artifacts.as_uri()]
+    console.print(f"MLflow UI on http://127.0.0.1:{port} for {uri} (Ctrl-C stops it)")
+    sys.exit(subprocess.call(command, env=os.environ.copy()))
+
+
+@cli.command()
+@click.option("--study", "study_file", required=True, type=click.Path(dir_okay=False),
+              help="A study file (studies/*_hpo.yaml): base Cell, search space, objective, budget.")
+@click.option("--n-trials", type=click.IntRange(min=0), default=None,
+              help="Run this many more trials here (default: until the study holds its n_trials).")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Start no new trial after this many seconds (default: the file's timeout).")
+@click.option("--storage", default=None,
+              help="Optuna storage: sqlite:///optuna.db (default), journal:FILE, postgresql://...")
+@click.option("--tracking-uri", default=None, help="MLflow tracking URI (default: sqlite:///mlflow.db).")
+@click.option("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available).")
+@click.option("--report", is_flag=True, help="Write reports/<study>/: best trial, trial table, figures.")
+@click.option("--export-best", type=click.Path(dir_okay=False), default=None,
+              help="Write the best trial's Cell to this YAML file (for `benchmark train`).")
+def tune(study_file: str, n_trials: int | None, timeout: float | None, storage: str | None,
+         tracking_uri: str | None, device: str | None, report: bool, export_best: str | None) -> None:
+    """Search hyperparameters of a Cell with Optuna; each trial is a Cell, trained and tracked.
+
+    Every trial trains in runs/<study>/trial-<n> and is an MLflow child run under one
+    parent run per invocation. Running the command again resumes the study. Several
+    processes (on one machine, or on many with a PostgreSQL --storage) share one study:
+    each runs trials until the study holds its budget. `--n-trials 0 --report` only
+    writes the report.
+    """
+    from benchmark import tune as tuning
+
+    outcome = tuning.tune(study_file, n_trials=n_trials, timeout=timeout, storage=storage,
+                          tracking_uri=tracking_uri, device=device, report=report, export=export_best)
+    for line in outcome.lines():
+        console.print(line, highlight=False)
 
 
 def main() -> None:

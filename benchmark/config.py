@@ -97,7 +97,7 @@ class TrainConfig(Strict):
 
 
 class EvaluateConfig(Strict):
-    on: list[str] = Field(default_factory=list, description="dataset keys; [] = the training one")
+    targets: list[str] = Field(default_factory=list, description="dataset keys; [] = the training one")
     protocols: list[str] = Field(default_factory=lambda: ["none"])
     batch_size: int = Field(64, ge=1)
     num_workers: int = Field(0, ge=0)
@@ -113,7 +113,7 @@ class Cell(Strict):
 
     @property
     def targets(self) -> list[str]:
-        return self.evaluate.on or [self.train.dataset]
+        return self.evaluate.targets or [self.train.dataset]
 
     def semantic(self) -> dict[str, Any]:
         """The content that defines the Cell's results (no paths, workers, devices)."""
@@ -210,10 +210,10 @@ def validate_cell(data: Any, source: str, prefix: str = "") -> Cell:
                              cell.model.aggregator.params, where=f"{source}: {at}model.aggregator")
     check_share(cell.model.aggregator.name, cell.model.aggregator.share,
                 where=f"{source}: {at}model.aggregator.share")
-    for key in [cell.train.dataset, *cell.evaluate.on]:
+    for key in [cell.train.dataset, *cell.evaluate.targets]:
         if key not in cell.datasets:
             raise ConfigError(
-                f"{source}: {at}train.dataset / evaluate.on: dataset '{key}' is not defined "
+                f"{source}: {at}train.dataset / evaluate.targets: dataset '{key}' is not defined "
                 f"under datasets (defined: {', '.join(cell.datasets) or 'none'})."
             )
     for key, ref in cell.datasets.items():

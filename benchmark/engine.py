@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from benchmark.cache import stable_hash
 from benchmark.config import Cell
 from benchmark.evaluate import EvalResult, FeatureBank, embed_images, evaluate_split
 from benchmark.model import CrossViewModel
@@ -110,7 +111,7 @@ def evaluate_targets(
             result: EvalResult = evaluate_split(
                 model, split, ground_pre, aerial_pre, protocol, device,
                 batch_size=cell.evaluate.batch_size, num_workers=cell.evaluate.num_workers,
-                manifest_hash=manifest["content_hash"], extra_positives=extra,
+                manifest_hash=stable_hash(manifest), extra_positives=extra,
                 feature_bank=feature_bank, descriptor_cache=cache, amp=cell.train.amp,
             )
             prefix = metric_prefix(key, protocol)
