@@ -56,6 +56,7 @@ class ResNet(nn.Module):
         trainable_blocks: int | None = None,
         layers: list[int] | None = None,
         channels: list[int] | None = None,
+        output_stride: int = 32,
     ) -> None:
         super().__init__()
         self.arch = arch
@@ -80,7 +81,11 @@ class ResNet(nn.Module):
         if not timm.is_model(arch):
             known = ", ".join(timm.list_models("resnet*"))
             raise ConfigError(f"{what}: unknown timm model. ResNets in timm: {known}.")
-        kwargs = {"num_classes": 0, **overrides}
+        if output_stride not in (8, 16, 32):
+            raise ConfigError(f"{what}: output_stride = {output_stride}: expected 8, 16 or 32.")
+        # A smaller output stride dilates the last stages instead of striding them: a finer
+        # patch map (more local features for the aggregators) from the same weights.
+        kwargs = {"num_classes": 0, "output_stride": output_stride, **overrides}
         if pretrained and weights is None:
             model = create_timm_pretrained(arch, **kwargs)
         else:
@@ -92,7 +97,7 @@ class ResNet(nn.Module):
             self.load_weights(weights)
 
         self.out_dim: int = model.num_features
-        self.patch_size: int = 32
+        self.patch_size: int = output_stride
         self.num_blocks: int = NUM_STAGES
         self.mean: tuple[float, ...] = tuple(model.pretrained_cfg["mean"])
         self.std: tuple[float, ...] = tuple(model.pretrained_cfg["std"])
