@@ -37,7 +37,7 @@ bare soil), 3 vegetation (trees, hedges, grass, crops).
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from functools import lru_cache
 
 import numpy as np
@@ -72,9 +72,9 @@ def _mix(h: np.ndarray) -> np.ndarray:
 
 def hash_ints(seed: int, *keys) -> np.ndarray:
     """A well-mixed uint32 hash of integer-valued arrays (broadcast together) and a seed."""
-    acc = np.int64((seed * 0x2545F491) & 0x7FFFFFFF)
+    acc = (np.asarray(seed, dtype=np.int64) * 0x2545F491) & 0x7FFFFFFF
     for n, key in enumerate(keys):
-        acc = acc + np.asarray(key).astype(np.int64) * np.int64(_PRIMES[n % len(_PRIMES)])
+        acc = acc + np.asarray(key, dtype=np.int64) * np.int64(_PRIMES[n % len(_PRIMES)])
     with np.errstate(over="ignore"):
         return _mix((np.asarray(acc) & 0xFFFFFFFF).astype(np.uint32))
 
@@ -123,7 +123,7 @@ def _gauss(h: np.ndarray, salt: int) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------
-# regions
+# building styles and regions
 
 
 def _rgb(*colours) -> tuple:
@@ -131,8 +131,105 @@ def _rgb(*colours) -> tuple:
 
 
 @dataclass(frozen=True)
+class Style:
+    """How the lots of a built block are divided and built on. Lengths in metres."""
+
+    lot_width: float
+    lot_depth_min: float  # blocks deeper than 2x this get two rows of lots
+    build_prob: float
+    lawn_prob: float  # share of yards that are lawns (else paved)
+    setback_front: tuple[float, float]
+    setback_side: tuple[float, float]
+    setback_back: tuple[float, float]
+    height_median: float
+    height_sigma: float
+    height_range: tuple[float, float]
+    district_amp: float  # 0..1: how much the slow district field changes heights
+    floor_height: tuple[float, float]
+    pitched_prob: float
+    wall_prob: float
+    hedge_prob: float
+    wall_height: tuple[float, float]
+    hedge_height: tuple[float, float]
+    pool_prob: float
+    shed_prob: float
+    shed_size: tuple[float, float]
+    shed_height: tuple[float, float]
+    yard_tree_density: float
+    roof: tuple
+    facade: tuple
+
+
+STYLES: dict[str, Style] = {
+    "tower": Style(  # dense mid- and high-rise blocks
+        lot_width=17.0, lot_depth_min=14.0, build_prob=0.9, lawn_prob=0.2,
+        setback_front=(0.0, 1.0), setback_side=(0.0, 1.2), setback_back=(0.0, 8.0),
+        height_median=24.0, height_sigma=0.55, height_range=(8.0, 110.0), district_amp=0.6,
+        floor_height=(3.0, 3.9), pitched_prob=0.0, wall_prob=0.06, hedge_prob=0.0,
+        wall_height=(2.8, 3.4), hedge_height=(1.2, 1.8), pool_prob=0.0, shed_prob=0.15,
+        shed_size=(3.0, 6.0), shed_height=(3.0, 5.0), yard_tree_density=0.15,
+        roof=_rgb((95, 95, 100), (125, 122, 118), (70, 72, 78), (150, 145, 135), (55, 55, 58),
+                  (160, 160, 165), (110, 100, 95), (135, 140, 150)),
+        facade=_rgb((150, 72, 55), (125, 92, 72), (195, 180, 155), (160, 160, 158),
+                    (95, 115, 135), (210, 208, 200), (175, 120, 90), (110, 110, 115),
+                    (185, 160, 120)),
+    ),
+    "rowhouse": Style(  # terraces with back gardens
+        lot_width=8.0, lot_depth_min=14.0, build_prob=0.95, lawn_prob=0.8,
+        setback_front=(2.0, 4.0), setback_side=(0.0, 0.3), setback_back=(6.0, 12.0),
+        height_median=10.0, height_sigma=0.2, height_range=(6.0, 16.0), district_amp=0.0,
+        floor_height=(2.9, 3.4), pitched_prob=0.3, wall_prob=0.3, hedge_prob=0.1,
+        wall_height=(2.4, 3.0), hedge_height=(1.2, 2.0), pool_prob=0.0, shed_prob=0.2,
+        shed_size=(2.5, 4.0), shed_height=(2.2, 3.0), yard_tree_density=0.35,
+        roof=_rgb((95, 95, 100), (150, 88, 66), (70, 72, 78), (125, 122, 118)),
+        facade=_rgb((150, 72, 55), (125, 92, 72), (110, 70, 60), (190, 170, 140),
+                    (170, 110, 80), (220, 215, 200)),
+    ),
+    "house": Style(  # detached houses with gardens
+        lot_width=22.0, lot_depth_min=18.0, build_prob=0.9, lawn_prob=0.95,
+        setback_front=(5.0, 9.0), setback_side=(2.0, 4.5), setback_back=(6.0, 12.0),
+        height_median=4.5, height_sigma=0.25, height_range=(3.0, 8.0), district_amp=0.2,
+        floor_height=(2.8, 3.2), pitched_prob=0.85, wall_prob=0.12, hedge_prob=0.35,
+        wall_height=(2.4, 3.0), hedge_height=(1.4, 2.6), pool_prob=0.35, shed_prob=0.4,
+        shed_size=(2.5, 4.5), shed_height=(2.2, 3.0), yard_tree_density=0.4,
+        roof=_rgb((170, 88, 62), (110, 82, 66), (82, 82, 88), (150, 62, 50), (92, 106, 96),
+                  (160, 142, 112), (60, 60, 66), (130, 112, 100)),
+        facade=_rgb((228, 224, 212), (218, 202, 165), (172, 192, 204), (222, 202, 132),
+                    (162, 178, 142), (165, 88, 66), (200, 185, 170), (240, 240, 235)),
+    ),
+    "commercial": Style(  # low flat-roofed stores with car parks in front
+        lot_width=38.0, lot_depth_min=18.0, build_prob=0.9, lawn_prob=0.15,
+        setback_front=(10.0, 18.0), setback_side=(3.0, 6.0), setback_back=(3.0, 6.0),
+        height_median=8.0, height_sigma=0.3, height_range=(4.0, 15.0), district_amp=0.2,
+        floor_height=(3.2, 4.0), pitched_prob=0.0, wall_prob=0.0, hedge_prob=0.1,
+        wall_height=(2.4, 3.0), hedge_height=(1.2, 1.8), pool_prob=0.0, shed_prob=0.1,
+        shed_size=(3.0, 5.0), shed_height=(2.5, 3.5), yard_tree_density=0.1,
+        roof=_rgb((95, 95, 100), (125, 122, 118), (150, 145, 135), (160, 160, 165)),
+        facade=_rgb((195, 180, 155), (160, 160, 158), (95, 115, 135), (210, 208, 200),
+                    (175, 120, 90)),
+    ),
+    "farm": Style(  # farmhouses with barns on large plots
+        lot_width=55.0, lot_depth_min=40.0, build_prob=0.55, lawn_prob=0.9,
+        setback_front=(8.0, 18.0), setback_side=(12.0, 20.0), setback_back=(14.0, 24.0),
+        height_median=6.0, height_sigma=0.2, height_range=(4.0, 9.0), district_amp=0.1,
+        floor_height=(2.8, 3.2), pitched_prob=0.75, wall_prob=0.0, hedge_prob=0.3,
+        wall_height=(1.5, 2.0), hedge_height=(1.6, 2.8), pool_prob=0.05, shed_prob=0.75,
+        shed_size=(8.0, 16.0), shed_height=(5.0, 8.0), yard_tree_density=0.35,
+        roof=_rgb((150, 155, 160), (140, 52, 42), (128, 82, 52), (82, 110, 82),
+                  (100, 100, 105)),
+        facade=_rgb((232, 230, 222), (165, 55, 45), (150, 150, 145), (200, 185, 150)),
+    ),
+}
+
+
+@dataclass(frozen=True)
 class Region:
-    """A named distribution of scenes. Lengths in metres, colours 0-255 RGB."""
+    """A named distribution of scenes. Lengths in metres, colours 0-255 RGB.
+
+    Regions share one vocabulary (streets, building `STYLES`, parks, water, fields,
+    trees) and differ in its proportions, in layout, heights, vegetation, palettes,
+    ground-sample distance and camera height, as real datasets do.
+    """
 
     name: str
     description: str
@@ -149,34 +246,15 @@ class Region:
     road_half: tuple[float, float]  # half width of a street (range)
     avenue_every: int  # every k-th street line is 1.5x wider (0: none)
     sidewalk: float
-    markings: bool
+    marking_prob: float  # share of streets with a dashed centre line
+    crossings: bool  # zebra crossings at intersections
     landuse: dict[str, float]  # probabilities of a block's land use (LANDUSES)
-    # lots and buildings
-    lot_width: float
-    lot_depth_min: float  # blocks deeper than 2x this get two rows of lots
-    build_prob: float
-    setback_front: tuple[float, float]
-    setback_side: tuple[float, float]
-    setback_back: tuple[float, float]
-    height_median: float
-    height_sigma: float
-    height_range: tuple[float, float]
+    styles: dict[str, float]  # probabilities of a built block's style (STYLES)
     district_scale: float  # wavelength of the slow building-height modulation
-    district_amp: float  # 0..1: how much districts differ in height
-    floor_height: tuple[float, float]
-    pitched_prob: float
-    wall_prob: float
-    hedge_prob: float
-    wall_height: tuple[float, float]
-    hedge_height: tuple[float, float]
-    pool_prob: float
-    shed_prob: float
-    shed_size: tuple[float, float]
-    shed_height: tuple[float, float]
+    tint: tuple[float, float, float, float]  # building colours: r, g, b gains, saturation
     # vegetation
     street_tree_prob: float
     street_tree_spacing: float
-    yard_tree_density: float
     park_tree_density: float
     field_tree_density: float
     tree_lattice: tuple[float, float]
@@ -190,8 +268,6 @@ class Region:
     # lighting
     sun_elevation: tuple[float, float]  # degrees
     # palettes
-    roof: tuple = ()
-    facade: tuple = ()
     road: tuple = (70, 70, 72)
     marking: tuple = (225, 225, 215)
     sidewalk_rgb: tuple = (170, 168, 160)
@@ -202,11 +278,11 @@ class Region:
     trees: tuple = ()
     conifers: tuple = ()
     wall_rgb: tuple = ()
+    pool_rgb: tuple = (70, 170, 200)
     sky_top: tuple = (95, 140, 200)
     sky_horizon: tuple = (190, 205, 220)
     haze: tuple = (185, 195, 205)
     vehicles: tuple = ()
-    extra: dict = field(default_factory=dict)
 
     def gsd(self, aerial_size: int) -> float:
         return self.tile_m / aerial_size
@@ -220,11 +296,11 @@ _VEHICLES = _rgb(
 REGIONS: dict[str, Region] = {
     "grid_city": Region(
         name="grid_city",
-        description="Manhattan-like grid of straight streets and avenues, tall dense "
-        "mid- and high-rise blocks, grey and brick palette, street trees, small parks",
+        description="Manhattan-like grid of straight streets and avenues, mostly tall dense "
+        "blocks with some terraces and stores, grey palette, street trees, small parks",
         origin=(40.7400, -73.9900),
         tile_m=64.0,
-        cam_height=2.6,
+        cam_height=2.5,
         view_m=150.0,
         fog_m=420.0,
         organic=0.0,
@@ -234,32 +310,14 @@ REGIONS: dict[str, Region] = {
         road_half=(5.0, 6.5),
         avenue_every=3,
         sidewalk=3.5,
-        markings=True,
-        landuse={"built": 0.76, "park": 0.07, "plaza": 0.08, "water": 0.02, "parking": 0.07},
-        lot_width=17.0,
-        lot_depth_min=14.0,
-        build_prob=0.9,
-        setback_front=(0.0, 1.0),
-        setback_side=(0.0, 1.2),
-        setback_back=(0.0, 8.0),
-        height_median=24.0,
-        height_sigma=0.55,
-        height_range=(7.0, 110.0),
+        marking_prob=1.0,
+        crossings=True,
+        landuse={"built": 0.76, "park": 0.08, "plaza": 0.07, "water": 0.03, "parking": 0.06},
+        styles={"tower": 0.55, "rowhouse": 0.25, "commercial": 0.15, "house": 0.05},
         district_scale=700.0,
-        district_amp=0.6,
-        floor_height=(3.0, 3.9),
-        pitched_prob=0.0,
-        wall_prob=0.06,
-        hedge_prob=0.0,
-        wall_height=(2.8, 3.4),
-        hedge_height=(1.2, 1.8),
-        pool_prob=0.0,
-        shed_prob=0.15,
-        shed_size=(3.0, 6.0),
-        shed_height=(3.0, 5.0),
+        tint=(0.97, 0.97, 1.0, 0.75),
         street_tree_prob=0.5,
         street_tree_spacing=9.0,
-        yard_tree_density=0.15,
         park_tree_density=0.55,
         field_tree_density=0.0,
         tree_lattice=(7.0, 10.0),
@@ -270,15 +328,7 @@ REGIONS: dict[str, Region] = {
         pedestrian_prob=0.15,
         cloud_cover=(0.1, 0.6),
         sun_elevation=(40.0, 65.0),
-        roof=_rgb(
-            (95, 95, 100), (125, 122, 118), (70, 72, 78), (150, 145, 135), (55, 55, 58),
-            (160, 160, 165), (110, 100, 95), (135, 140, 150),
-        ),
-        facade=_rgb(
-            (150, 72, 55), (125, 92, 72), (195, 180, 155), (160, 160, 158), (95, 115, 135),
-            (210, 208, 200), (175, 120, 90), (110, 110, 115), (185, 160, 120),
-        ),
-        road=(62, 62, 66),
+        road=(72, 72, 76),
         marking=(230, 220, 160),
         sidewalk_rgb=(168, 165, 158),
         grass=_rgb((80, 118, 58), (92, 125, 62), (74, 108, 55)),
@@ -295,10 +345,10 @@ REGIONS: dict[str, Region] = {
     ),
     "suburb": Region(
         name="suburb",
-        description="curving residential streets, low sparse detached houses with pitched "
-        "roofs, lawns, hedges, pools, many trees; warm palette",
+        description="curving residential streets, mostly low detached houses with pitched "
+        "roofs, lawns, hedges and pools, some stores and terraces, many trees; warm palette",
         origin=(33.7800, -84.3300),
-        tile_m=80.0,
+        tile_m=76.0,
         cam_height=2.2,
         view_m=160.0,
         fog_m=600.0,
@@ -309,34 +359,17 @@ REGIONS: dict[str, Region] = {
         road_half=(3.6, 4.6),
         avenue_every=0,
         sidewalk=1.8,
-        markings=False,
-        landuse={"built": 0.83, "park": 0.1, "plaza": 0.02, "water": 0.03, "parking": 0.02},
-        lot_width=22.0,
-        lot_depth_min=18.0,
-        build_prob=0.9,
-        setback_front=(5.0, 9.0),
-        setback_side=(2.0, 4.5),
-        setback_back=(6.0, 12.0),
-        height_median=4.5,
-        height_sigma=0.25,
-        height_range=(3.0, 8.0),
+        marking_prob=0.6,
+        crossings=False,
+        landuse={"built": 0.8, "park": 0.1, "plaza": 0.02, "water": 0.03, "parking": 0.02,
+                 "field": 0.03},
+        styles={"house": 0.6, "commercial": 0.15, "rowhouse": 0.15, "tower": 0.1},
         district_scale=500.0,
-        district_amp=0.2,
-        floor_height=(2.8, 3.2),
-        pitched_prob=0.85,
-        wall_prob=0.12,
-        hedge_prob=0.35,
-        wall_height=(2.4, 3.0),
-        hedge_height=(1.4, 2.6),
-        pool_prob=0.35,
-        shed_prob=0.4,
-        shed_size=(2.5, 4.5),
-        shed_height=(2.2, 3.0),
+        tint=(1.03, 1.0, 0.95, 1.1),
         street_tree_prob=0.55,
         street_tree_spacing=11.0,
-        yard_tree_density=0.4,
         park_tree_density=0.65,
-        field_tree_density=0.0,
+        field_tree_density=0.3,
         tree_lattice=(8.0, 11.5),
         crown_radius=(2.0, 3.9),
         tree_height=(6.0, 14.0),
@@ -345,37 +378,29 @@ REGIONS: dict[str, Region] = {
         pedestrian_prob=0.04,
         cloud_cover=(0.0, 0.5),
         sun_elevation=(35.0, 70.0),
-        roof=_rgb(
-            (170, 88, 62), (110, 82, 66), (82, 82, 88), (150, 62, 50), (92, 106, 96),
-            (160, 142, 112), (60, 60, 66), (130, 112, 100),
-        ),
-        facade=_rgb(
-            (228, 224, 212), (218, 202, 165), (172, 192, 204), (222, 202, 132), (162, 178, 142),
-            (165, 88, 66), (200, 185, 170), (240, 240, 235),
-        ),
-        road=(92, 92, 94),
+        road=(86, 86, 88),
         marking=(230, 230, 225),
         sidewalk_rgb=(192, 187, 176),
         grass=_rgb((95, 142, 58), (110, 150, 64), (84, 128, 54), (120, 140, 70)),
         plaza=_rgb((196, 184, 160), (170, 160, 150)),
         water=(56, 96, 112),
-        field_rgb=_rgb((120, 150, 70), (150, 130, 90)),
+        field_rgb=_rgb((120, 150, 70), (150, 130, 90), (170, 160, 100)),
         trees=_rgb((62, 104, 46), (84, 124, 54), (50, 88, 42), (110, 120, 55), (70, 96, 40)),
         conifers=_rgb((38, 70, 46), (46, 80, 52)),
         wall_rgb=_rgb((215, 205, 185), (180, 150, 120), (200, 200, 195)),
+        pool_rgb=(70, 175, 205),
         sky_top=(80, 135, 210),
         sky_horizon=(180, 205, 230),
         haze=(185, 200, 215),
         vehicles=_VEHICLES,
-        extra={"pool_rgb": (70, 175, 205)},
     ),
     "rural": Region(
         name="rural",
         description="sparse winding country roads through striped crop fields, pastures, "
-        "hedgerows, woodland and ponds; few farmsteads with barns; earthy palette",
+        "hedgerows, woodland and ponds; farmsteads with barns and small villages",
         origin=(41.9000, -93.6000),
-        tile_m=112.0,
-        cam_height=1.9,
+        tile_m=96.0,
+        cam_height=2.0,
         view_m=220.0,
         fog_m=900.0,
         organic=45.0,
@@ -385,32 +410,14 @@ REGIONS: dict[str, Region] = {
         road_half=(2.7, 3.4),
         avenue_every=0,
         sidewalk=2.2,
-        markings=True,
-        landuse={"field": 0.62, "built": 0.18, "park": 0.13, "water": 0.07},
-        lot_width=55.0,
-        lot_depth_min=40.0,
-        build_prob=0.55,
-        setback_front=(8.0, 18.0),
-        setback_side=(12.0, 20.0),
-        setback_back=(14.0, 24.0),
-        height_median=6.0,
-        height_sigma=0.2,
-        height_range=(4.0, 9.0),
+        marking_prob=0.7,
+        crossings=False,
+        landuse={"field": 0.55, "built": 0.25, "park": 0.13, "water": 0.07},
+        styles={"farm": 0.45, "house": 0.35, "rowhouse": 0.1, "commercial": 0.1},
         district_scale=1000.0,
-        district_amp=0.1,
-        floor_height=(2.8, 3.2),
-        pitched_prob=0.75,
-        wall_prob=0.0,
-        hedge_prob=0.3,
-        wall_height=(1.5, 2.0),
-        hedge_height=(1.6, 2.8),
-        pool_prob=0.05,
-        shed_prob=0.75,
-        shed_size=(8.0, 16.0),
-        shed_height=(5.0, 8.0),
+        tint=(1.0, 0.98, 0.94, 0.95),
         street_tree_prob=0.25,
         street_tree_spacing=14.0,
-        yard_tree_density=0.35,
         park_tree_density=0.85,
         field_tree_density=0.5,
         tree_lattice=(9.0, 13.0),
@@ -421,9 +428,7 @@ REGIONS: dict[str, Region] = {
         pedestrian_prob=0.0,
         cloud_cover=(0.2, 0.8),
         sun_elevation=(30.0, 60.0),
-        roof=_rgb((150, 155, 160), (140, 52, 42), (128, 82, 52), (82, 110, 82), (100, 100, 105)),
-        facade=_rgb((232, 230, 222), (165, 55, 45), (150, 150, 145), (200, 185, 150)),
-        road=(112, 106, 96),
+        road=(100, 96, 88),
         marking=(220, 210, 150),
         sidewalk_rgb=(150, 132, 102),
         grass=_rgb((118, 148, 78), (132, 150, 84), (104, 136, 70)),
@@ -436,11 +441,11 @@ REGIONS: dict[str, Region] = {
         trees=_rgb((52, 84, 40), (66, 98, 46), (84, 104, 50), (46, 74, 38)),
         conifers=_rgb((34, 62, 42), (42, 72, 48)),
         wall_rgb=_rgb((150, 140, 120),),
+        pool_rgb=(70, 160, 190),
         sky_top=(85, 130, 195),
         sky_horizon=(200, 212, 225),
         haze=(200, 208, 215),
         vehicles=_VEHICLES,
-        extra={"pool_rgb": (70, 160, 190)},
     ),
 }
 
@@ -458,17 +463,17 @@ def describe_region(name: str) -> str:
     r = get_region(name)
     layout = "straight grid" if r.organic == 0 else f"organic (warp {r.organic:g} m)"
     landuse = ", ".join(f"{k} {v:.0%}" for k, v in r.landuse.items())
+    styles = ", ".join(f"{k} {v:.0%}" for k, v in r.styles.items())
+    median = sum(STYLES[k].height_median * w for k, w in r.styles.items()) / sum(r.styles.values())
     return "\n".join(
         [
             f"{r.name}: {r.description}",
             f"  streets: {layout}, blocks ~{r.block[0]:g} x {r.block[1]:g} m, "
             f"road width {2 * r.road_half[0]:g}-{2 * r.road_half[1]:g} m",
             f"  land use: {landuse}",
-            f"  buildings: median height {r.height_median:g} m (range {r.height_range[0]:g}-"
-            f"{r.height_range[1]:g}), build probability {r.build_prob:g}, "
-            f"pitched roofs {r.pitched_prob:.0%}",
-            f"  trees: street {r.street_tree_prob:.0%}, yard {r.yard_tree_density:g}, "
-            f"park {r.park_tree_density:g}, conifers {r.conifer_prob:.0%}",
+            f"  buildings: {styles} (mean median height {median:.0f} m)",
+            f"  trees: street {r.street_tree_prob:.0%}, park {r.park_tree_density:g}, "
+            f"conifers {r.conifer_prob:.0%}",
             f"  aerial tile {r.tile_m:g} m ({r.gsd(128):.3f} m/px at 128 px), "
             f"camera height {r.cam_height:g} m, view distance {r.view_m:g} m",
             f"  origin lat/lon {r.origin[0]:.4f}, {r.origin[1]:.4f}",
@@ -477,8 +482,11 @@ def describe_region(name: str) -> str:
 
 
 def region_record(name: str) -> dict:
-    """The region's parameters as a JSON-able dict."""
-    return asdict(get_region(name))
+    """The region's parameters (and its building styles') as a JSON-able dict."""
+    r = get_region(name)
+    record = asdict(r)
+    record["style_params"] = {k: asdict(STYLES[k]) for k in r.styles}
+    return record
 
 
 # ---------------------------------------------------------------------------------------
@@ -504,12 +512,16 @@ class Box:
 
 @dataclass(frozen=True)
 class Transients:
-    """Things present only at the panorama's capture time: vehicles, pedestrians."""
+    """Things present only at the panorama's capture time: vehicles, pedestrians.
 
-    seed: int
-    cam_q: tuple[float, float]  # camera in the world's street-lattice frame
-    vehicle_prob: float
-    pedestrian_prob: float
+    Each field is a scalar or one value per sampled point (a batch of cameras).
+    """
+
+    seed: object  # int or int64 array
+    cam_qx: object  # the camera in the world's street-lattice frame
+    cam_qy: object
+    vehicle_prob: object
+    pedestrian_prob: object
 
 
 def _pal(colours) -> np.ndarray:
@@ -554,10 +566,14 @@ class World:
         probs = np.asarray([r.landuse[k] for k in names], dtype=np.float64)
         self._lu_cdf = np.cumsum(probs / probs.sum()).astype(np.float32)
         self._lu_codes = np.asarray([LANDUSES.index(k) for k in names], dtype=np.int64)
-        self.p_roof = _pal(r.roof)
-        self.p_facade = _pal(r.facade)
         self.p_grass = _pal(r.grass)
         self.p_plaza = _pal(r.plaza)
+        # building styles of this region, with their palettes in the region's tint
+        names = [k for k, w in r.styles.items() if w > 0]
+        weights = np.asarray([r.styles[k] for k in names], dtype=np.float64)
+        self._style_cdf = np.cumsum(weights / weights.sum()).astype(np.float32)
+        self.styles = [(STYLES[k], {"roof": self._tinted(STYLES[k].roof),
+                                    "facade": self._tinted(STYLES[k].facade)}) for k in names]
         self.p_field = _pal(r.field_rgb)
         self.p_trees = _pal(r.trees)
         self.p_conifers = _pal(r.conifers)
@@ -567,13 +583,20 @@ class World:
         self.c_marking = _pal(r.marking)[0]
         self.c_sidewalk = _pal(r.sidewalk_rgb)[0]
         self.c_water = _pal(r.water)[0]
-        self.c_pool = _pal(r.extra.get("pool_rgb", (70, 170, 200)))[0]
+        self.c_pool = _pal(r.pool_rgb)[0]
         self.c_path = _pal((176, 160, 128))[0]
         self.c_soil = _pal((120, 96, 70))[0]
         self.c_trunk = _pal((80, 62, 46))[0]
         self.c_stone = _pal((200, 196, 186))[0]
         self.c_glass = _pal((40, 52, 66))[0]
         self.c_hedge = _pal((52, 90, 44))[0]
+
+    def _tinted(self, colours) -> np.ndarray:
+        gain = np.asarray(self.region.tint[:3], np.float32)
+        pal = _pal(colours)
+        grey = pal.mean(axis=1, keepdims=True)
+        pal = grey + (pal - grey) * np.float32(self.region.tint[3])
+        return np.clip(pal * gain, 0.0, 1.0).astype(np.float32)
 
     # --- frames -------------------------------------------------------------------------
 
@@ -608,11 +631,22 @@ class World:
         return (i * pitch).astype(np.float32) + jit * np.float32(self.region.block_jitter * pitch)
 
     def _cell(self, axis: int, q):
+        """Street-line index below each q, the two lines' positions and half widths.
+
+        Lines are hashed once per distinct index (a small table), then gathered.
+        Returns (i, lo, hi, half width at lo, half width at hi, table index, table base,
+        line positions of the table).
+        """
         pitch = self.region.block[axis]
-        i = np.floor(q / np.float32(pitch)).astype(np.int64)
-        i = i - (q < self._edge(axis, i))
-        i = i + (q >= self._edge(axis, i + 1))
-        return i, self._edge(axis, i), self._edge(axis, i + 1)
+        i0 = np.floor(q / np.float32(pitch)).astype(np.int64)
+        base = int(i0.min()) - 1 if i0.size else 0
+        ids = np.arange(base, (int(i0.max()) if i0.size else 0) + 3)
+        E = self._edge(axis, ids)
+        HW = self._half_width(axis, ids)
+        k = i0 - base
+        k = k - (q < E[k])
+        k = k + (q >= E[k + 1])
+        return k + base, E[k], E[k + 1], HW[k], HW[k + 1], k, base, E
 
     def _half_width(self, axis: int, i):
         r = self.region
@@ -624,7 +658,7 @@ class World:
     # --- the scene function -------------------------------------------------------------
 
     def sample(self, x, y, *, colors: bool = True, transients: Transients | None = None,
-               fuzz=0.0, ground_view: bool = False) -> dict:
+               fuzz=0.0, ground_view=None) -> dict:
         """Evaluate the scene at points (x, y) (1-D arrays, metres).
 
         Returns a dict of arrays: `h` (height-field top), `clo`/`chi` (crown interval,
@@ -633,15 +667,21 @@ class World:
         texture), `floor` (window storey height), `along` (coordinate along a facade),
         `nx`, `ny` (world-frame facade normal), `shade` (crown/leaf texture factor).
         `fuzz` (metres, scalar or per point) thickens thin walls and trunks so that a
-        coarse ray step does not jump over them. `transients` adds vehicles and people;
-        `ground_view=True` (the panorama) also shows the ground-only extra boxes.
+        coarse ray step does not jump over them. `ground_view` (a bool, or one per point;
+        default: whether `transients` is given) marks points seen by a panorama: only
+        those get the `transients` (vehicles, people) and the ground-only extra boxes.
         """
         x = np.asarray(x, dtype=np.float32).ravel()
         y = np.asarray(y, dtype=np.float32).ravel()
         n = x.size
         fuzz = np.broadcast_to(np.asarray(fuzz, dtype=np.float32), (n,))
-        out = self._procedural(x, y, colors, transients, fuzz) if self.procedural else \
-            self._flat(x, y, colors)
+        if ground_view is None:
+            ground_view = transients is not None
+        ground_view = np.broadcast_to(np.asarray(ground_view, dtype=bool), (n,))
+        if self.procedural:
+            out = self._procedural(x, y, colors, transients, fuzz, ground_view)
+        else:
+            out = self._flat(x, y, colors)
         if self.boxes:
             self._apply_boxes(out, x, y, colors, ground_view)
         return out
@@ -672,9 +712,11 @@ class World:
 
     def _apply_boxes(self, out, x, y, colors, ground_view):
         for box in self.boxes:
-            if box.ground_only and not ground_view:
+            if box.ground_only and not ground_view.any():
                 continue
             inside = (x >= box.x0) & (x < box.x1) & (y >= box.y0) & (y < box.y1)
+            if box.ground_only:
+                inside &= ground_view
             if not inside.any():
                 continue
             out["h"][inside] = box.height
@@ -692,7 +734,8 @@ class World:
                 out["nx"][inside] = np.array([-1, 1, 0, 0], np.float32)[face]
                 out["ny"][inside] = np.array([0, 0, -1, 1], np.float32)[face]
 
-    def _lot(self, up, vp, Wi, Hi, lw_block):
+    @staticmethod
+    def _lot(up, vp, Wi, Hi, lw_block, depth_min):
         """Block-interior coords -> lot index, row and lot-local (s, t_front) coords.
 
         Lots line the block's long sides (two rows when the block is deep enough), each
@@ -703,7 +746,7 @@ class World:
         t = np.where(long_x, vp, up)
         L = np.where(long_x, Wi, Hi)
         D = np.where(long_x, Hi, Wi)
-        tworow = D >= np.float32(2 * self.region.lot_depth_min)
+        tworow = D >= np.float32(2 * depth_min)
         dp = np.where(tworow, D * np.float32(0.5), D)
         row = (tworow & (t >= dp)).astype(np.int64)
         t_f = np.where(row == 1, D - t, t)
@@ -773,22 +816,18 @@ class World:
             o.crown[ci[newer]] = base[newer]
             o.shade[ci[newer]] = (f32(0.75) + f32(0.25) * rel[inside])[newer]
 
-    def _procedural(self, x, y, colors, tr, fuzz):
+    def _procedural(self, x, y, colors, tr, fuzz, ground_view):
         R = self.region
         seed = self.seed
         n = x.size
         f32 = np.float32
         qx, qy = self.to_q(x, y)
-        i, x_lo, x_hi = self._cell(0, qx)
-        j, y_lo, y_hi = self._cell(1, qy)
+        i, x_lo, x_hi, hwW, hwE, ki, bi, EX = self._cell(0, qx)
+        j, y_lo, y_hi, hwS, hwN, kj, bj, EY = self._cell(1, qy)
         u = qx - x_lo
         v = qy - y_lo
         W = x_hi - x_lo
         H = y_hi - y_lo
-        hwW = self._half_width(0, i)
-        hwE = self._half_width(0, i + 1)
-        hwS = self._half_width(1, j)
-        hwN = self._half_width(1, j + 1)
         dE = W - u
         dN = H - v
         on_xs = (u < hwW) | (dE < hwE)  # a street along q_y (on an x lattice line)
@@ -797,9 +836,14 @@ class World:
         sw = f32(R.sidewalk)
         walk = ~road & ((u < hwW + sw) | (dE < hwE + sw) | (v < hwS + sw) | (dN < hwN + sw))
         interior = ~(road | walk)
-        hb = hash_ints(seed, i, j)
-        lu = self._lu_codes[np.minimum(np.searchsorted(self._lu_cdf, unit(hb, 1), side="right"),
+        # per-block values: hashed once per block in a small table, then gathered
+        ni = int(ki.max()) + 1 if n else 1
+        nj = int(kj.max()) + 1 if n else 1
+        HB = hash_ints(seed, np.arange(bi, bi + ni)[:, None], np.arange(bj, bj + nj)[None, :])
+        LU = self._lu_codes[np.minimum(np.searchsorted(self._lu_cdf, unit(HB, 1), side="right"),
                                        len(self._lu_cdf) - 1)]
+        hb = HB[ki, kj]
+        lu = LU[ki, kj]
         P = _Pts(qx=qx, qy=qy, i=i, j=j, x_lo=x_lo, y_lo=y_lo, W=W, H=H, hwW=hwW, hwE=hwE,
                  hwS=hwS, hwN=hwN, u=u, v=v, hb=hb, lu=lu, fuzz=fuzz)
         P.up = u - hwW - sw
@@ -811,28 +855,51 @@ class World:
         if colors:
             o.top[:] = self.c_road
             o.top[walk] = self.c_sidewalk
-            if R.markings:
+            if R.marking_prob > 0:
                 dash_y = np.mod(qy, f32(9.0)) < 4.0
                 dash_x = np.mod(qx, f32(9.0)) < 4.0
-                centre = (on_xs & ~on_ys & ((u < 0.14) | (dE < 0.14)) & dash_y) | \
-                    (on_ys & ~on_xs & ((v < 0.14) | (dN < 0.14)) & dash_x)
-                if R.avenue_every:
+                mp = f32(R.marking_prob)
+                mark_w = unit(hash_ints(seed, 121, i), 0) < mp
+                mark_e = unit(hash_ints(seed, 121, i + 1), 0) < mp
+                mark_s = unit(hash_ints(seed, 122, j), 0) < mp
+                mark_n = unit(hash_ints(seed, 122, j + 1), 0) < mp
+                centre = (on_xs & ~on_ys & (((u < 0.14) & mark_w) | ((dE < 0.14) & mark_e))
+                          & dash_y) | \
+                    (on_ys & ~on_xs & (((v < 0.14) & mark_s) | ((dN < 0.14) & mark_n)) & dash_x)
+                if R.crossings:
                     zx = on_xs & (((v >= hwS) & (v < hwS + 3.0)) |
                                   ((dN >= hwN) & (dN < hwN + 3.0))) & (np.mod(u, 1.2) < 0.6)
                     zy = on_ys & (((u >= hwW) & (u < hwW + 3.0)) |
                                   ((dE >= hwE) & (dE < hwE + 3.0))) & (np.mod(v, 1.2) < 0.6)
                     centre |= zx | zy
                 o.top[centre] = self.c_marking
-        for code, fn in ((BUILT, self._built), (PARK, self._park), (PLAZA, self._plaza),
-                         (WATER, self._water), (PARKING, self._parking), (FIELD, self._fields)):
+        built = interior & (lu == BUILT)
+        if built.any():
+            # the slow district field at each block's centre
+            scale = f32(R.district_scale)
+            DIST = value_noise(seed + 31, ((EX[:ni] + EX[1:ni + 1]) * f32(0.5) / scale)[:, None],
+                               ((EY[:nj] + EY[1:nj + 1]) * f32(0.5) / scale)[None, :])
+            P.district = DIST[ki, kj]
+            ST = np.minimum(np.searchsorted(self._style_cdf, unit(HB, 12), side="right"),
+                            len(self.styles) - 1)
+            style = ST[ki, kj]
+            for code, (st, pal) in enumerate(self.styles):
+                idx = np.nonzero(built & (style == code))[0]
+                if idx.size:
+                    self._built(idx, P.take(idx), o, st, pal)
+        for code, fn in ((PARK, self._park), (PLAZA, self._plaza), (WATER, self._water),
+                         (PARKING, self._parking), (FIELD, self._fields)):
             idx = np.nonzero(interior & (lu == code))[0]
             if idx.size:
                 fn(idx, P.take(idx), o)
         if R.street_tree_prob > 0:
             self._street_trees(P, o, interior, walk, road)
-        if tr is not None and (tr.vehicle_prob > 0 or tr.pedestrian_prob > 0):
-            idx = np.nonzero(road | walk)[0]
-            self._transients(tr, idx, P.take(idx), road[idx], walk[idx], o)
+        if tr is not None and (np.any(np.asarray(tr.vehicle_prob) > 0) or
+                               np.any(np.asarray(tr.pedestrian_prob) > 0)):
+            idx = np.nonzero((road | walk) & ground_view)[0]
+            if idx.size:
+                sub = Transients(**{k: _subset(v, idx, n) for k, v in vars(tr).items()})
+                self._transients(sub, idx, P.take(idx), road[idx], walk[idx], o)
         if colors:
             grain = unit(hash_ints(seed, np.floor(qx * 2), np.floor(qy * 2), 77), 0)
             o.top *= (f32(0.93) + f32(0.14) * grain)[:, None]
@@ -840,12 +907,12 @@ class World:
 
     # --- land uses (each evaluated on its own points) ------------------------------------
 
-    def _built(self, idx, P, o):
-        R = self.region
+    def _built(self, idx, P, o, R: Style, pal):
         seed = self.seed
         f32 = np.float32
         lw_block = f32(R.lot_width) * (f32(0.75) + f32(0.5) * unit(P.hb, 2))
-        k, row, s_lot, t_f, lwk, dp, long_x = self._lot(P.up, P.vp, P.Wi, P.Hi, lw_block)
+        k, row, s_lot, t_f, lwk, dp, long_x = self._lot(P.up, P.vp, P.Wi, P.Hi, lw_block,
+                                                   R.lot_depth_min)
         hl = hash_ints(seed, P.i, P.j, k, row, 5)
         sd = _lerp(R.setback_side, unit(hl, 2))
         bx0, bx1 = sd, lwk - sd
@@ -853,9 +920,7 @@ class World:
         by1 = dp - _lerp(R.setback_back, unit(hl, 4))
         has_b = (unit(hl, 1) < f32(R.build_prob)) & (bx1 - bx0 > 4) & (by1 - by0 > 4)
         in_b = has_b & (s_lot >= bx0) & (s_lot < bx1) & (t_f >= by0) & (t_f < by1)
-        district = value_noise(seed + 31, (P.x_lo + P.W * f32(0.5)) / f32(R.district_scale),
-                               (P.y_lo + P.H * f32(0.5)) / f32(R.district_scale))
-        dmod = f32(1.0) + f32(R.district_amp) * (f32(2.0) * district - f32(1.0))
+        dmod = f32(1.0) + f32(R.district_amp) * (f32(2.0) * P.district - f32(1.0))
         bh = np.clip(f32(R.height_median) * dmod * np.exp(f32(R.height_sigma) * _gauss(hl, 10)),
                      R.height_range[0], R.height_range[1]).astype(f32)
         pitched = (unit(hl, 14) < f32(R.pitched_prob)) & (bh < 12)
@@ -864,8 +929,9 @@ class World:
                            np.minimum(s_lot - bx0, bx1 - s_lot))
         roof_h = np.where(pitched, bh + (f32(0.45) + f32(0.35) * unit(hl, 15)) *
                           np.maximum(ridge_d, 0), bh)
-        houses = R.pitched_prob > 0
-        drive = has_b & (t_f < by0) & (s_lot >= bx1 - 3.6) & (s_lot < bx1 - 0.4) & houses
+        lawn = unit(hl, 49) < f32(R.lawn_prob)
+        drive = has_b & lawn & (by0 > 3) & (t_f < by0) & (s_lot >= bx1 - 3.6) & \
+            (s_lot < bx1 - 0.4)
         pool = np.zeros(idx.size, bool)
         if R.pool_prob > 0:
             pool_w = _lerp((4.0, 8.0), unit(hl, 20))
@@ -891,7 +957,7 @@ class World:
         h = np.where(shed, _lerp(R.shed_height, unit(hl, 25)), h)
         h = np.where(fence, wall_h, h)
         o.h[idx] = h
-        top_cls = np.where(houses & ~drive & ~pool, VEGETATION, GROUND).astype(np.uint8)
+        top_cls = np.where(lawn & ~drive & ~pool, VEGETATION, GROUND).astype(np.uint8)
         top_cls[in_b | shed | (fence & has_wall)] = MANMADE
         top_cls[fence & has_hedge] = VEGETATION
         o.top_cls[idx] = top_cls
@@ -901,11 +967,12 @@ class World:
         cand = ~in_b & ~shed
         if R.yard_tree_density > 0 and cand.any():
             c = np.nonzero(cand)[0]
-            for lat_n in range(len(R.tree_lattice)):
+            for lat_n in range(len(self.region.tree_lattice)):
                 th, tcx, tcy, radius, ht, conifer = self._lattice_tree(P.qx[c], P.qy[c], lat_n)
                 tu = P.up[c] + (tcx - P.qx[c])
                 tv = P.vp[c] + (tcy - P.qy[c])
-                tk, trow, ts, tt, _, _, _ = self._lot(tu, tv, P.Wi[c], P.Hi[c], lw_block[c])
+                tk, trow, ts, tt, _, _, _ = self._lot(tu, tv, P.Wi[c], P.Hi[c], lw_block[c],
+                                                      R.lot_depth_min)
                 margin = radius + f32(0.6)
                 ok = (unit(th, 3) < f32(R.yard_tree_density)) & (tk == k[c]) & \
                     (trow == row[c]) & (ts > radius + 0.5) & (ts < lwk[c] - radius - 0.5) & \
@@ -918,14 +985,12 @@ class World:
         if not o.colors:
             return
         # tops: yards, driveways, pools, roofs with details (seen only from above)
-        if houses:
-            yard = _pick(self.p_grass, unit(hl, 50)) * (f32(0.9) + f32(0.2) * unit(hl, 51))[:, None]
-        else:
-            yard = _pick(self.p_plaza, unit(hl, 50)) * f32(0.8)
-        top = yard
+        grass = _pick(self.p_grass, unit(hl, 50)) * (f32(0.9) + f32(0.2) * unit(hl, 51))[:, None]
+        paved = _pick(self.p_plaza, unit(hl, 50)) * f32(0.8)
+        top = np.where(lawn[:, None], grass, paved)
         top[drive] = self.c_sidewalk * f32(0.92)
         top[pool] = self.c_pool
-        roof = _pick(self.p_roof, unit(hl, 52)) * (f32(0.9) + f32(0.2) * unit(hl, 53))[:, None]
+        roof = _pick(pal["roof"], unit(hl, 52)) * (f32(0.9) + f32(0.2) * unit(hl, 53))[:, None]
         bs = s_lot - bx0
         bt = t_f - by0
         rim_d = np.minimum(np.minimum(bs, bx1 - s_lot), np.minimum(bt, by1 - t_f))
@@ -937,14 +1002,14 @@ class World:
         roof[in_cell & (unit(cell_h, 1) < 0.25) & (unit(hl, 54) < 0.3) & (rim_d > 1.0)] = \
             _pal((38, 48, 78))[0]
         top[in_b] = roof[in_b]
-        shed_rgb = _pick(self.p_roof, unit(hl, 55))
+        shed_rgb = _pick(pal["roof"], unit(hl, 55))
         top[shed] = shed_rgb[shed]
         wall_rgb = _pick(self.p_wall, unit(hl, 56))
         top[fence & has_wall] = wall_rgb[fence & has_wall]
         top[fence & has_hedge] = self.c_hedge
         o.top[idx] = top
         # sides: facades with windows, sheds, walls, hedges
-        side = _pick(self.p_facade, unit(hl, 60)) * (f32(0.9) + f32(0.2) * unit(hl, 61))[:, None]
+        side = _pick(pal["facade"], unit(hl, 60)) * (f32(0.9) + f32(0.2) * unit(hl, 61))[:, None]
         side[shed] = (shed_rgb * f32(0.6) + side * f32(0.4))[shed]
         side[fence & has_wall] = wall_rgb[fence & has_wall]
         side[fence & has_hedge] = self.c_hedge
@@ -1133,56 +1198,60 @@ class World:
         veh_h = np.zeros(idx.size, f32)
         veh_rgb = np.zeros((idx.size, 3), f32)
         veh_kind = np.zeros(idx.size, bool)  # True: vehicle (window band), False: person
-        cam_qx, cam_qy = f32(tr.cam_q[0]), f32(tr.cam_q[1])
-        on_x = (u < hwW) | (W - u < hwE)
-        on_y = (v < hwS) | (H - v < hwN)
-        cands = (  # axis, side, cross distance, half width, along, along limits, line, block
-            (0, 0, u, hwW, v, hwS, H - hwN, P.i, P.j),
-            (0, 1, W - u, hwE, v, hwS, H - hwN, P.i + 1, P.j),
-            (1, 0, v, hwS, u, hwW, W - hwE, P.j, P.i),
-            (1, 1, H - v, hwN, u, hwW, W - hwE, P.j + 1, P.i),
-        )
-        for axis, side, c, hw, along, a_lo, a_hi, line, blk in cands:
-            mine = road & (c < hw) & ((on_x & ~on_y) if axis == 0 else (on_y & ~on_x))
-            if tr.vehicle_prob > 0 and mine.any():
-                drive = np.abs(c - f32(1.8)) < 1.2
-                lane_c = np.where(drive, f32(1.8), hw - f32(1.15))
-                ok_lane = drive | (hw >= 4.6)
-                slot = np.floor(along / f32(7.5))
-                th = hash_ints(tr.seed, axis, line, blk, side, drive, slot)
-                kind = unit(th, 1)
-                length = np.where(kind < 0.8, f32(4.4), np.where(kind < 0.95, f32(5.0), f32(6.6)))
-                height = np.where(kind < 0.8, f32(1.5), np.where(kind < 0.95, f32(2.0), f32(3.1)))
-                width = np.where(kind < 0.95, f32(1.8), f32(2.3))
-                ac = (slot + f32(0.5)) * f32(7.5) + (unit(th, 2) - f32(0.5)) * f32(1.0)
-                if axis == 0:
-                    ccx = P.x_lo + (lane_c if side == 0 else W - lane_c)
-                    ccy = P.y_lo + ac
-                else:
-                    ccx = P.x_lo + ac
-                    ccy = P.y_lo + (lane_c if side == 0 else H - lane_c)
-                far = (ccx - cam_qx) ** 2 + (ccy - cam_qy) ** 2 > f32(7.0 ** 2)
-                prob = f32(tr.vehicle_prob) * np.where(drive, f32(1.0), f32(0.7))
-                hit = mine & ok_lane & far & (unit(th, 3) < prob) & \
-                    (np.abs(along - ac) < length * f32(0.5)) & \
-                    (np.abs(c - lane_c) < width * f32(0.5)) & \
-                    (ac - length * f32(0.5) > a_lo + 1.0) & (ac + length * f32(0.5) < a_hi - 1.0)
-                veh_h = np.where(hit, height, veh_h)
-                veh_kind |= hit
+        cam_qx, cam_qy = np.asarray(tr.cam_qx, f32), np.asarray(tr.cam_qy, f32)
+        veh_p = np.asarray(tr.vehicle_prob, f32)
+        ped_p = np.asarray(tr.pedestrian_prob, f32)
+        dE, dN = W - u, H - v
+        # each point's nearest street edge: 0 west, 1 east, 2 south, 3 north
+        e = np.stack([u - hwW, dE - hwE, v - hwS, dN - hwN]).argmin(0)
+        y_axis = e >= 2  # a street along q_x (on a y lattice line)
+        side = e % 2
+        c = np.choose(e, [u, dE, v, dN])  # distance from the street's centre line
+        hw = np.choose(e, [hwW, hwE, hwS, hwN])
+        along = np.where(y_axis, u, v)
+        a_lo = np.where(y_axis, hwW, hwS)
+        a_hi = np.where(y_axis, W - hwE, H - hwN)
+        line = np.choose(e, [P.i, P.i + 1, P.j, P.j + 1])
+        blk = np.where(y_axis, P.i, P.j)
+        crossing = ((u < hwW) | (dE < hwE)) & ((v < hwS) | (dN < hwN))
+        mine = road & ~crossing
+        if np.any(veh_p > 0) and mine.any():
+            # a driving lane ~1.8 m from the centre line, a parking lane at the kerb
+            drive = np.abs(c - f32(1.8)) < 1.2
+            lane_c = np.where(drive, f32(1.8), hw - f32(1.15))
+            ok_lane = drive | (hw >= 4.6)
+            slot = np.floor(along / f32(7.5))
+            th = hash_ints(tr.seed, y_axis, line, blk, side, drive, slot)
+            kind = unit(th, 1)
+            length = np.where(kind < 0.8, f32(4.4), np.where(kind < 0.95, f32(5.0), f32(6.6)))
+            height = np.where(kind < 0.8, f32(1.5), np.where(kind < 0.95, f32(2.0), f32(3.1)))
+            width = np.where(kind < 0.95, f32(1.8), f32(2.3))
+            ac = (slot + f32(0.5)) * f32(7.5) + (unit(th, 2) - f32(0.5)) * f32(1.0)
+            cross_q = np.where(side == 0, lane_c, np.where(y_axis, H, W) - lane_c)
+            ccx = P.x_lo + np.where(y_axis, ac, cross_q)
+            ccy = P.y_lo + np.where(y_axis, cross_q, ac)
+            far = (ccx - cam_qx) ** 2 + (ccy - cam_qy) ** 2 > f32(7.0 ** 2)
+            prob = veh_p * np.where(drive, f32(1.0), f32(0.7))
+            hit = mine & ok_lane & far & (unit(th, 3) < prob) & \
+                (np.abs(along - ac) < length * f32(0.5)) & \
+                (np.abs(c - lane_c) < width * f32(0.5)) & \
+                (ac - length * f32(0.5) > a_lo + 1.0) & (ac + length * f32(0.5) < a_hi - 1.0)
+            veh_h = np.where(hit, height, veh_h)
+            veh_kind |= hit
+            if o.colors:
+                veh_rgb[hit] = _pick(self.p_vehicles, unit(th[hit], 4))
+        if np.any(ped_p > 0):
+            mine_w = walk & (c >= hw) & (c < hw + sw)
+            if mine_w.any():
+                slot = np.floor(along / f32(2.5))
+                th = hash_ints(tr.seed, y_axis, line, blk, side, slot, 9)
+                pa = (slot + f32(0.5)) * f32(2.5) + (unit(th, 2) - f32(0.5)) * f32(1.2)
+                pc = hw + sw * (f32(0.25) + f32(0.5) * unit(th, 5))
+                hit = mine_w & (unit(th, 3) < ped_p) & \
+                    ((along - pa) ** 2 + (c - pc) ** 2 < f32(0.3 ** 2))
+                veh_h = np.where(hit, f32(1.55) + f32(0.35) * unit(th, 6), veh_h)
                 if o.colors:
-                    veh_rgb[hit] = _pick(self.p_vehicles, unit(th[hit], 4))
-            if tr.pedestrian_prob > 0:
-                mine_w = walk & (c >= hw) & (c < hw + sw)
-                if mine_w.any():
-                    slot = np.floor(along / f32(2.5))
-                    th = hash_ints(tr.seed, axis, line, blk, side, slot, 9)
-                    pa = (slot + f32(0.5)) * f32(2.5) + (unit(th, 2) - f32(0.5)) * f32(1.2)
-                    pc = hw + sw * (f32(0.25) + f32(0.5) * unit(th, 5))
-                    hit = mine_w & (unit(th, 3) < f32(tr.pedestrian_prob)) & \
-                        ((along - pa) ** 2 + (c - pc) ** 2 < f32(0.3 ** 2))
-                    veh_h = np.where(hit, f32(1.55) + f32(0.35) * unit(th, 6), veh_h)
-                    if o.colors:
-                        veh_rgb[hit] = _pick(self.p_vehicles, unit(th[hit], 7)) * f32(0.8)
+                    veh_rgb[hit] = _pick(self.p_vehicles, unit(th[hit], 7)) * f32(0.8)
         m = veh_h > 0
         if not m.any():
             return
@@ -1197,14 +1266,30 @@ class World:
             o.floor[gi] = veh_h[m]
 
 
-class _Pts:
-    """A bag of per-point arrays; `take(idx)` selects a subset of every array."""
+def _subset(value, idx, n):
+    """`value[idx]` for a per-point array of length n; scalars pass through."""
+    value = np.asarray(value)
+    return value[idx] if value.ndim and value.shape[0] == n else value
 
-    def __init__(self, **arrays):
+
+class _Pts:
+    """A bag of per-point arrays; `take(idx)` is a lazy subset (arrays gathered on use)."""
+
+    def __init__(self, _parent=None, _idx=None, **arrays):
+        self.__dict__["_parent"] = _parent
+        self.__dict__["_idx"] = _idx
         self.__dict__.update(arrays)
 
+    def __getattr__(self, name):
+        parent = self.__dict__["_parent"]
+        if parent is None or name.startswith("__"):
+            raise AttributeError(name)
+        value = getattr(parent, name)[self.__dict__["_idx"]]
+        self.__dict__[name] = value
+        return value
+
     def take(self, idx):
-        return _Pts(**{k: a[idx] for k, a in self.__dict__.items()})
+        return _Pts(_parent=self, _idx=idx)
 
 
 class _Out:
@@ -1262,18 +1347,416 @@ def _rng(seed: int, *tags: int) -> np.random.Generator:
 
 def _photometric(img: np.ndarray, rng: np.random.Generator, strength: float) -> np.ndarray:
     """Per-view exposure, white balance, saturation and sensor noise."""
-    gain = rng.normal(1.0, 0.08 * strength) * rng.normal(1.0, 0.04 * strength, size=3)
+    gain = rng.normal(1.0, 0.14 * strength) * rng.normal(1.0, 0.06 * strength, size=3)
     grey = img.mean(axis=-1, keepdims=True)
-    sat = rng.normal(1.0, 0.12 * strength)
-    img = grey + (img - grey) * sat
+    sat = max(0.3, rng.normal(1.0, 0.22 * strength))
+    img = grey + (img - grey) * np.float32(sat)
+    mean = np.float32(img.mean())
+    img = mean + (img - mean) * np.float32(max(0.5, rng.normal(1.0, 0.1 * strength)))
+    img = np.clip(img, 0.0, None) ** np.float32(np.exp(rng.normal(0.0, 0.12 * strength)))
     img = img * gain.astype(np.float32)
-    noise = rng.standard_normal(size=img.shape, dtype=np.float32)
-    img = img + noise * np.float32(0.012 * strength)
+    # sensor noise: triangular, sd ~0.02 (cheaper than normal draws)
+    noise = rng.integers(-64, 65, size=img.shape, dtype=np.int16)
+    noise += rng.integers(-64, 65, size=img.shape, dtype=np.int16)
+    img = img + noise.astype(np.float32) * np.float32(0.02 * strength / 52.3)
     return img
 
 
 def _to_u8(img: np.ndarray) -> np.ndarray:
     return (np.clip(img, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+
+
+class _Batch:
+    """Points of several cameras, evaluated together in one `World.sample` call.
+
+    `World.sample` costs a few milliseconds of fixed numpy overhead per call; rendering
+    a batch of pairs with three calls in all amortises it.
+    """
+
+    def __init__(self):
+        self.parts: list[tuple] = []
+        self.n = 0
+
+    def add(self, x, y, fuzz, ground: bool, tr: Transients | None = None) -> slice:
+        x = np.asarray(x, np.float32).ravel()
+        y = np.asarray(y, np.float32).ravel()
+        fuzz = np.asarray(fuzz, np.float32)
+        fuzz = fuzz.ravel() if fuzz.size == x.size else np.full(x.size, fuzz, np.float32)
+        self.parts.append((x, y, fuzz, ground, tr))
+        sl = slice(self.n, self.n + x.size)
+        self.n += x.size
+        return sl
+
+    def run(self, world: World, colors: bool) -> dict | None:
+        if self.n == 0:
+            return None
+        x = np.concatenate([p[0] for p in self.parts])
+        y = np.concatenate([p[1] for p in self.parts])
+        fuzz = np.concatenate([p[2] for p in self.parts])
+        ground = np.concatenate([np.full(p[0].size, p[3]) for p in self.parts])
+        tr = None
+        if any(p[4] is not None for p in self.parts):
+            def per_point(attr, default):
+                return np.concatenate([np.full(p[0].size, getattr(p[4], attr) if p[4] else default)
+                                       for p in self.parts])
+            tr = Transients(seed=per_point("seed", 0).astype(np.int64),
+                            cam_qx=per_point("cam_qx", 0.0).astype(np.float32),
+                            cam_qy=per_point("cam_qy", 0.0).astype(np.float32),
+                            vehicle_prob=per_point("vehicle_prob", 0.0).astype(np.float32),
+                            pedestrian_prob=per_point("pedestrian_prob", 0.0).astype(np.float32))
+        return world.sample(x, y, colors=colors, transients=tr, fuzz=fuzz, ground_view=ground)
+
+
+def _part(out: dict, sl: slice) -> dict:
+    return {k: v[sl] for k, v in out.items()}
+
+
+class _Pano:
+    """One panorama in the making: geometry passes, then the hits, then the colours."""
+
+    def __init__(self, world: World, x: float, y: float, size, seed: int, transients: bool,
+                 clean: bool):
+        R = world.region
+        self.world, self.x, self.y, self.seed, self.clean = world, x, y, seed, clean
+        self.H, self.W = size
+        (self.dirx, self.diry, self.dist, self.step, self.phi,
+         self.tan_phi) = _ray_geometry(self.H, self.W, float(R.view_m))
+        self.D = self.dist.size
+        self.cam = np.float32(R.cam_height)
+        self.rng = _rng(seed, 11)
+        self.tr = None
+        if transients:
+            cq = world.to_q(np.float32([x]), np.float32([y]))
+            self.tr = Transients(
+                seed=int(self.rng.integers(2**31)),
+                cam_qx=float(cq[0][0]),
+                cam_qy=float(cq[1][0]),
+                vehicle_prob=R.vehicle_prob * float(self.rng.uniform(0.5, 1.5)),
+                pedestrian_prob=R.pedestrian_prob * float(self.rng.uniform(0.5, 1.5)),
+            )
+        f32 = np.float32
+        self.hgt = np.zeros((self.W, self.D), f32)
+        self.chi = np.full((self.W, self.D), -np.inf, f32)
+        self.clo = np.full((self.W, self.D), np.inf, f32)
+        self.split = int(np.searchsorted(self.dist, min(30.0, R.view_m)))
+        self.todo = np.arange(self.W)
+
+    def add_samples(self, batch: _Batch, near: bool) -> None:
+        """Ray samples: near ones first; columns that a near surface already closes up
+        to the top row need no far samples."""
+        k0, k1 = (0, self.split) if near else (self.split, self.D)
+        self.k_range = (k0, k1)
+        self.sl = None
+        if self.todo.size == 0 or k1 <= k0:
+            return
+        f32 = np.float32
+        px = f32(self.x) + self.dirx[self.todo, None] * self.dist[None, k0:k1]
+        py = f32(self.y) + self.diry[self.todo, None] * self.dist[None, k0:k1]
+        fz = np.broadcast_to(self.step[None, k0:k1] * f32(0.6), px.shape)
+        self.sl = batch.add(px, py, fz, True, self.tr)
+
+    def take_samples(self, out: dict | None) -> None:
+        if self.sl is None:
+            return
+        k0, k1 = self.k_range
+        g = _part(out, self.sl)
+        shape = (self.todo.size, k1 - k0)
+        self.hgt[self.todo, k0:k1] = g["h"].reshape(shape)
+        self.chi[self.todo, k0:k1] = g["chi"].reshape(shape)
+        self.clo[self.todo, k0:k1] = g["clo"].reshape(shape)
+        if k0 == 0:
+            tan_top = ((self.hgt[:, :k1] - self.cam) / self.dist[None, :k1]).max(axis=1)
+            self.todo = np.nonzero(tan_top < self.tan_phi[0])[0]
+
+    def add_hits(self, batch: _Batch) -> None:
+        """The first surface along every ray; queue its full attributes."""
+        f32 = np.float32
+        Hh, Ww, D, cam = self.H, self.W, self.D, self.cam
+        dist, tan_phi, hgt, chi = self.dist, self.tan_phi, self.hgt, self.chi
+        neg_tan = -tan_phi  # increasing with the row index
+        tanA = (hgt - cam) / dist[None, :]
+        rA = np.searchsorted(neg_tan, -tanA.ravel(), side="left").reshape(Ww, D)
+        has_crown = np.isfinite(chi)
+        tan_hi = np.where(has_crown, (chi - cam) / dist[None, :], -np.inf)
+        tan_lo = np.where(has_crown, (self.clo - cam) / dist[None, :], np.inf)
+        rU = np.searchsorted(neg_tan, -tan_hi.ravel(), side="left").reshape(Ww, D)
+        rL = (np.searchsorted(neg_tan, -tan_lo.ravel(), side="right") - 1).reshape(Ww, D)
+        # a row r is hit at sample k if r >= rA (height field) or rU <= r <= rL (crown);
+        # in small unsigned ints, rU <= r <= rL is (r - rU) <= (rL - rU) with wrap-around
+        dt = np.uint8 if Hh < 250 else np.uint16
+        none = rL < rU
+        span = np.where(none, 0, rL - rU).astype(dt)
+        rU8 = np.where(none, np.iinfo(dt).max, rU).astype(dt)
+        rA8 = np.minimum(rA, np.iinfo(dt).max).astype(dt)
+        rows = np.arange(Hh, dtype=dt)[None, :, None]
+        hit = rows >= rA8[:, None, :]
+        hit |= (rows - rU8[:, None, :]) <= span[:, None, :]
+        kk = hit.argmax(axis=2)  # (W, H): the first sample hit along each ray
+        any_hit = np.take_along_axis(hit, kk[:, :, None], axis=2)[:, :, 0]
+        del hit
+        cols = np.arange(Ww)[:, None]
+        rr = np.arange(Hh)[None, :]
+        flat = cols * D + kk
+        in_span = any_hit & (rr >= rU[cols, kk]) & (rr <= rL[cols, kk])
+        in_crown = in_span & ((rr < rA[cols, kk]) | (chi[cols, kk] > hgt[cols, kk]))
+        hf_hit = any_hit & ~in_crown
+        h_at = hgt[cols, kk]
+        d_at = dist[kk]
+        z_at = cam + d_at * tan_phi[None, :]
+        ground = hf_hit & (h_at < 0.05) & (tan_phi[None, :] < 0)
+        side = hf_hit & ~ground & (z_at < h_at - 0.12)
+        top = hf_hit & ~ground & ~side
+        d_ground = np.where(ground, cam / np.maximum(-tan_phi[None, :], 1e-6), 0).astype(f32)
+        gx = f32(self.x) + self.dirx[:, None] * d_ground
+        gy = f32(self.y) + self.diry[:, None] * d_ground
+        # full attributes at the exact ground points and at the hit samples
+        obj = (hf_hit & ~ground) | in_crown
+        obj_flat = np.unique(flat[obj])
+        oc, ok_ = np.divmod(obj_flat, D)
+        n_ground = int(ground.sum())
+        qx = np.concatenate([gx[ground], f32(self.x) + self.dirx[oc] * dist[ok_]])
+        qy = np.concatenate([gy[ground], f32(self.y) + self.diry[oc] * dist[ok_]])
+        qfuzz = np.concatenate([np.zeros(n_ground, f32), self.step[ok_] * f32(0.6)])
+        self.sl = batch.add(qx, qy, qfuzz, True, self.tr)
+        lookup = np.full(Ww * D, -1, np.int64)
+        lookup[obj_flat] = np.arange(obj_flat.size) + n_ground
+        self.obj_idx = lookup[flat]
+        self.n_ground = n_ground
+        self.masks = (any_hit, ground, side, top, in_crown)
+        self.z_at = z_at
+        self.dist_px = np.where(ground, d_ground, d_at).astype(f32)
+
+    def finish(self, out: dict) -> tuple[np.ndarray, np.ndarray]:
+        f32 = np.float32
+        world, R, rng, clean = self.world, self.world.region, self.rng, self.clean
+        full = _part(out, self.sl)
+        any_hit, ground, side, top, in_crown = self.masks
+        obj_idx, z_at, phi, tan_phi = self.obj_idx, self.z_at, self.phi, self.tan_phi
+        Hh, Ww = self.H, self.W
+        img = np.zeros((Ww, Hh, 3), f32)
+        lab = np.zeros((Ww, Hh), np.uint8)
+        # lighting for this capture
+        sun_az = float(rng.uniform(0, 2 * np.pi))
+        sun_el = math.radians(float(rng.uniform(*R.sun_elevation)))
+        sun_x, sun_y = math.sin(sun_az), math.cos(sun_az)
+        # ground
+        gi = np.arange(self.n_ground)
+        img[ground] = full["top"][gi]
+        lab[ground] = full["top_cls"][gi]
+        # tops seen from the side (pitched roofs, car roofs, low walls)
+        ti = obj_idx[top]
+        img[top] = full["top"][ti] * f32(0.92)
+        lab[top] = full["top_cls"][ti]
+        # vertical faces: facades with windows, vehicles with a window band
+        si = obj_idx[side]
+        col = full["side"][si].copy()
+        zs = z_at[side]
+        tex = full["tex"][si]
+        fl = full["floor"][si]
+        win = (tex == TEX_WINDOWS) & (zs > 1.0)
+        fz = np.mod(zs, np.maximum(fl, 1.0)) / np.maximum(fl, 1.0)
+        fa = np.mod(full["along"][si], 3.0) / 3.0
+        win &= (fz > 0.3) & (fz < 0.8) & (fa > 0.2) & (fa < 0.8)
+        col[win] = col[win] * f32(0.25) + world.c_glass * f32(0.75)
+        col[(tex == TEX_VEHICLE) & (zs > fl * 0.55) & (zs < fl * 0.92)] = world.c_glass
+        col[(tex == TEX_VEHICLE) & (zs < 0.35)] = f32(0.08)
+        if not clean:
+            ndot = full["nx"][si] * sun_x + full["ny"][si] * sun_y
+            col *= (f32(0.72) + f32(0.38 * math.cos(sun_el)) * np.clip(ndot, 0, 1))[:, None]
+        img[side] = col
+        lab[side] = full["side_cls"][si]
+        # crowns
+        ci = obj_idx[in_crown]
+        ccol = full["crown"][ci]
+        if not clean:
+            cc, cr = np.nonzero(in_crown)
+            leaf = unit(hash_ints(self.seed, cc, cr), 3)
+            ccol = ccol * (full["shade"][ci] * (f32(0.8) + f32(0.35) * leaf))[:, None]
+        img[in_crown] = ccol
+        lab[in_crown] = VEGETATION
+        # sky, with clouds on a plane above the camera (they shrink towards the horizon)
+        sky_top = _pal(R.sky_top)[0]
+        sky_hor = _pal(R.sky_horizon)[0]
+        haze = _pal(R.haze)[0]
+        none = ~any_hit
+        below = none & (tan_phi[None, :] < 0)
+        above = none & ~below
+        ac, ar = np.nonzero(above)
+        t = np.sqrt(np.clip(phi[ar] / f32(np.pi / 2), 0, 1))[:, None]
+        sky = sky_hor[None, :] + (sky_top - sky_hor)[None, :] * t
+        if not clean and ac.size:
+            cover = float(rng.uniform(*R.cloud_cover))
+            tphi = np.maximum(np.tan(np.maximum(phi[ar], 0.02)), 0.02)
+            theta = 2 * np.pi * ac / Ww - np.pi
+            cxp = (np.sin(theta) / tphi).astype(f32) * f32(1.2)
+            cyp = (np.cos(theta) / tphi).astype(f32) * f32(1.2)
+            cs = int(rng.integers(2**31))
+            cloud = value_noise(cs, cxp + 50.0, cyp + 50.0) * 0.65 + \
+                value_noise(cs + 1, cxp * 3.1, cyp * 3.1) * 0.35
+            cloud = np.clip((cloud - (1.0 - cover)) / 0.18, 0, 1).astype(f32)
+            cloud_col = f32(0.95) - f32(0.25) * value_noise(cs + 2, cxp * 2.0, cyp * 2.0)
+            sky = sky * (1 - cloud[:, None]) + (cloud_col * cloud)[:, None]
+        img[ac, ar] = sky
+        lab[above] = SKY
+        img[below] = np.mean(np.stack([world.c_road, *world.p_grass]), axis=0) * 0.5 + haze * 0.5
+        lab[below] = GROUND
+        if not clean:
+            fog = 1.0 - np.exp(-self.dist_px / f32(R.fog_m))
+            fog[none] = 0.0
+            img = img * (1 - fog[:, :, None]) + haze[None, None, :] * fog[:, :, None]
+            img[any_hit] *= f32(0.8 + 0.25 * math.sin(sun_el))
+            img = _photometric(img, _rng(self.seed, 12), 1.0)
+        return _to_u8(img.transpose(1, 0, 2)), lab.T.copy()
+
+
+class _Aerial:
+    """One aerial tile in the making: heights in a sun-side margin, colours in the tile."""
+
+    def __init__(self, world: World, cx: float, cy: float, size: int, seed: int,
+                 tile_m: float | None, clean: bool):
+        R = world.region
+        self.world, self.size, self.seed, self.clean = world, size, seed, clean
+        self.gsd = gsd = float(tile_m or R.tile_m) / size
+        self.rng = _rng(seed, 21)
+        sun_az = float(self.rng.uniform(0, 2 * np.pi))
+        self.sun_el = math.radians(float(self.rng.uniform(*R.sun_elevation)))
+        # pad the raster on the sun's side so shadows of things outside the tile fall in
+        self.pad_m = 0.0 if clean else min(24.0, 30.0 / math.tan(self.sun_el))
+        pad = int(math.ceil(self.pad_m / gsd))
+        self.sx, self.sy = math.sin(sun_az), math.cos(sun_az)
+        self.left = pad if self.sx < 0 else 0
+        right = pad if self.sx > 0 else 0
+        self.top = pad if self.sy > 0 else 0
+        bot = pad if self.sy < 0 else 0
+        f32 = np.float32
+        cols = np.arange(-self.left, size + right, dtype=f32)
+        rows = np.arange(-self.top, size + bot, dtype=f32)
+        X = f32(cx) + (cols[None, :] + f32(0.5) - f32(size / 2)) * f32(gsd)
+        Y = f32(cy) - (rows[:, None] + f32(0.5) - f32(size / 2)) * f32(gsd)
+        self.X, self.Y = np.broadcast_arrays(X, Y)
+        self.in_tile = np.zeros(self.X.shape, bool)
+        self.in_tile[self.top:self.top + size, self.left:self.left + size] = True
+        self.sl_margin = None
+
+    def add_margin(self, batch: _Batch) -> None:
+        if not self.in_tile.all():
+            out = ~self.in_tile
+            self.sl_margin = batch.add(self.X[out], self.Y[out], self.gsd * 0.5, False)
+
+    def take_margin(self, out: dict | None) -> None:
+        self.margin = _part(out, self.sl_margin) if self.sl_margin is not None else None
+
+    def add_tile(self, batch: _Batch) -> None:
+        self.sl_tile = batch.add(self.X[self.in_tile], self.Y[self.in_tile], self.gsd * 0.5,
+                                 False)
+
+    def finish(self, out: dict) -> np.ndarray:
+        f32 = np.float32
+        s = _part(out, self.sl_tile)
+        X, Y, in_tile, gsd, size = self.X, self.Y, self.in_tile, self.gsd, self.size
+        shape = X.shape
+        h = np.zeros(shape, f32)
+        chi = np.full(shape, -np.inf, f32)
+        h[in_tile] = s["h"]
+        chi[in_tile] = s["chi"]
+        if self.margin is not None:
+            h[~in_tile] = self.margin["h"]
+            chi[~in_tile] = self.margin["chi"]
+        crown_top = chi > h
+        Ht = np.where(crown_top, chi, h).astype(f32)
+        col = np.zeros((*shape, 3), f32)
+        col[in_tile] = np.where(crown_top[in_tile][:, None], s["crown"], s["top"])
+        if not self.clean:
+            sx, sy, sun_el = self.sx, self.sy, self.sun_el
+            # leaf texture on crowns
+            leaf = unit(hash_ints(self.world.seed, np.floor(X / 0.8), np.floor(Y / 0.8), 5), 0)
+            col = np.where(crown_top[:, :, None],
+                           col * (f32(0.8) + f32(0.35) * leaf)[:, :, None], col)
+            # Lambert shading from the height field
+            gy_, gx_ = np.gradient(Ht, f32(gsd))
+            gx_ = np.clip(gx_, -2.5, 2.5)
+            gy_ = np.clip(-gy_, -2.5, 2.5)  # rows grow southwards
+            nz = 1.0 / np.sqrt(gx_ * gx_ + gy_ * gy_ + 1.0)
+            sun = np.array([sx * math.cos(sun_el), sy * math.cos(sun_el), math.sin(sun_el)], f32)
+            lam = np.clip((-gx_ * sun[0] - gy_ * sun[1] + sun[2]) * nz / sun[2], 0.0, 1.4)
+            # cast shadows: march towards the sun over the padded height field
+            shadow = np.zeros(shape, bool)
+            tan_el = math.tan(sun_el)
+            steps = int(min(self.pad_m, float(Ht.max()) / max(tan_el, 1e-3)) / gsd)
+            stride = max(1, steps // 24)
+            for st in range(stride, steps + 1, stride):
+                dc = int(round(st * sx))
+                dr = int(round(-st * sy))
+                r0, r1 = max(0, -dr), min(shape[0], shape[0] - dr)
+                c0, c1 = max(0, -dc), min(shape[1], shape[1] - dc)
+                if r1 <= r0 or c1 <= c0:
+                    continue
+                src = np.full(shape, -np.inf, f32)
+                src[r0:r1, c0:c1] = Ht[r0 + dr:r1 + dr, c0 + dc:c1 + dc]
+                shadow |= src - f32(st * gsd * tan_el) > Ht + 0.15
+            light = np.where(shadow, f32(0.5), f32(0.42) + f32(0.58) * lam)
+            col = col * light[:, :, None]
+            # cloud shadows (seen only from above)
+            cs = int(self.rng.integers(2**31))
+            cl = value_noise(cs, X / f32(90.0), Y / f32(90.0))
+            cover = float(self.rng.uniform(0.0, 0.5))
+            cshadow = np.clip((cl - (1.0 - cover)) / 0.15, 0, 1).astype(f32)
+            col = col * (1.0 - 0.35 * cshadow)[:, :, None]
+        col = col[self.top:self.top + size, self.left:self.left + size]
+        if not self.clean:
+            col = _photometric(col, _rng(self.seed, 22), 1.0)
+        return _to_u8(col)
+
+
+def render_batch(
+    world: World,
+    cams,
+    seeds,
+    pano_size: tuple[int, int] | None = (64, 256),
+    aerial_size: int | None = 128,
+    *,
+    aerial_centres=None,
+    tile_m: float | None = None,
+    transients: bool = True,
+    clean: bool = False,
+) -> tuple[list[tuple[np.ndarray, np.ndarray]], list[np.ndarray]]:
+    """Render panoramas at `cams` and aerial tiles centred on `aerial_centres` (default:
+    the same points) in three scene evaluations for the whole batch.
+
+    `pano_size=None` or `aerial_size=None` skips that view. Returns ([(panorama, labels)],
+    [aerial]). The result of each camera does not depend on the rest of the batch.
+    """
+    cams = [(float(x), float(y)) for x, y in cams]
+    seeds = [int(s) for s in seeds]
+    centres = cams if aerial_centres is None else [(float(x), float(y))
+                                                   for x, y in aerial_centres]
+    panos = [_Pano(world, x, y, pano_size, s, transients, clean)
+             for (x, y), s in zip(cams, seeds, strict=True)] if pano_size else []
+    tiles = [_Aerial(world, x, y, aerial_size, s, tile_m, clean)
+             for (x, y), s in zip(centres, seeds, strict=True)] if aerial_size else []
+    first = _Batch()
+    for p in panos:
+        p.add_samples(first, near=True)
+    for a in tiles:
+        a.add_margin(first)
+    out = first.run(world, colors=False)
+    for p in panos:
+        p.take_samples(out)
+    for a in tiles:
+        a.take_margin(out)
+    far = _Batch()
+    for p in panos:
+        p.add_samples(far, near=False)
+    out = far.run(world, colors=False)
+    for p in panos:
+        p.take_samples(out)
+    last = _Batch()
+    for p in panos:
+        p.add_hits(last)
+    for a in tiles:
+        a.add_tile(last)
+    out = last.run(world, colors=True)
+    return [p.finish(out) for p in panos], [a.finish(out) for a in tiles]
 
 
 def render_panorama(
@@ -1291,180 +1774,9 @@ def render_panorama(
     `seed` draws the capture conditions (vehicles, people, clouds, sun, camera
     response). `clean=True` turns off haze, clouds, shading and noise (for tests).
     """
-    R = world.region
-    Hh, Ww = size
-    dirx, diry, dist, step, phi, tan_phi = _ray_geometry(Hh, Ww, float(R.view_m))
-    D = dist.size
-    cam = np.float32(R.cam_height)
-    rng = _rng(seed, 11)
-    tr = None
-    if transients:
-        cq = world.to_q(np.float32([x]), np.float32([y]))
-        tr = Transients(
-            seed=int(rng.integers(2**31)),
-            cam_q=(float(cq[0][0]), float(cq[1][0])),
-            vehicle_prob=R.vehicle_prob * float(rng.uniform(0.5, 1.5)),
-            pedestrian_prob=R.pedestrian_prob * float(rng.uniform(0.5, 1.5)),
-        )
-    # first pass: geometry along every ray, near samples first; columns that a near
-    # surface already closes up to the top row need no far samples
-    f32 = np.float32
-    hgt = np.zeros((Ww, D), f32)
-    chi = np.full((Ww, D), -np.inf, f32)
-    clo = np.full((Ww, D), np.inf, f32)
-    split = int(np.searchsorted(dist, min(30.0, R.view_m)))
-    todo = np.arange(Ww)
-    for k0, k1 in ((0, split), (split, D)):
-        if todo.size == 0 or k1 <= k0:
-            continue
-        px = f32(x) + dirx[todo, None] * dist[None, k0:k1]
-        py = f32(y) + diry[todo, None] * dist[None, k0:k1]
-        fz = np.broadcast_to(step[None, k0:k1] * f32(0.6), px.shape)
-        g = world.sample(px.ravel(), py.ravel(), colors=False, transients=tr, fuzz=fz.ravel(),
-                         ground_view=True)
-        shape = (todo.size, k1 - k0)
-        hgt[todo, k0:k1] = g["h"].reshape(shape)
-        chi[todo, k0:k1] = g["chi"].reshape(shape)
-        clo[todo, k0:k1] = g["clo"].reshape(shape)
-        if k0 == 0:
-            top_hit = ((hgt[:, :k1] - cam) / dist[None, :k1]).max(axis=1) >= tan_phi[0]
-            todo = np.nonzero(~top_hit)[0]
-    neg_tan = -tan_phi  # increasing with the row index
-    tanA = (hgt - cam) / dist[None, :]
-    rA = np.searchsorted(neg_tan, -tanA.ravel(), side="left").reshape(Ww, D)
-    has_crown = np.isfinite(chi)
-    tan_hi = np.where(has_crown, (chi - cam) / dist[None, :], -np.inf)
-    tan_lo = np.where(has_crown, (clo - cam) / dist[None, :], np.inf)
-    rU = np.searchsorted(neg_tan, -tan_hi.ravel(), side="left").reshape(Ww, D)
-    rL = (np.searchsorted(neg_tan, -tan_lo.ravel(), side="right") - 1).reshape(Ww, D)
-    # a row r is hit at sample k if r >= rA (height field) or rU <= r <= rL (crown);
-    # in small unsigned ints, rU <= r <= rL is (r - rU) <= (rL - rU) with wrap-around
-    dt = np.uint8 if Hh < 250 else np.uint16
-    none = rL < rU
-    rU = np.where(none, np.iinfo(dt).max, rU)
-    span = np.where(none, 0, rL - rU).astype(dt)
-    rA8 = np.minimum(rA, np.iinfo(dt).max).astype(dt)
-    rU8 = rU.astype(dt)
-    rows = np.arange(Hh, dtype=dt)[None, :, None]
-    hit = rows >= rA8[:, None, :]
-    hit |= (rows - rU8[:, None, :]) <= span[:, None, :]
-    kk = hit.argmax(axis=2)  # (W, H): first sample hit along each ray
-    any_hit = np.take_along_axis(hit, kk[:, :, None], axis=2)[:, :, 0]
-    del hit
-    cols = np.arange(Ww)[:, None]
-    rr = np.arange(Hh)[None, :]
-    flat = cols * D + kk
-    in_span = any_hit & (rr >= rU[cols, kk]) & (rr <= rL[cols, kk])
-    in_crown = in_span & ((rr < rA[cols, kk]) | (chi[cols, kk] > hgt[cols, kk]))
-    hf_hit = any_hit & ~in_crown
-    h_at = hgt[cols, kk]
-    d_at = dist[kk]
-    z_at = cam + d_at * tan_phi[None, :]
-    ground = hf_hit & (h_at < 0.05) & (tan_phi[None, :] < 0)
-    side = hf_hit & ~ground & (z_at < h_at - 0.12)
-    top = hf_hit & ~ground & ~side
-    d_ground = np.where(ground, cam / np.maximum(-tan_phi[None, :], 1e-6), 0).astype(np.float32)
-    gx = np.float32(x) + dirx[:, None] * d_ground
-    gy = np.float32(y) + diry[:, None] * d_ground
-
-    # second pass: full attributes at the exact ground points and the hit samples
-    obj = hf_hit & ~ground | in_crown
-    obj_flat = np.unique(flat[obj])
-    oc, ok_ = np.divmod(obj_flat, D)
-    qx_pts = np.concatenate([gx[ground], f32(x) + dirx[oc] * dist[ok_]])
-    qy_pts = np.concatenate([gy[ground], f32(y) + diry[oc] * dist[ok_]])
-    qfuzz = np.concatenate([np.zeros(int(ground.sum()), f32), step[ok_] * f32(0.6)])
-    full = world.sample(qx_pts, qy_pts, colors=True, transients=tr, fuzz=qfuzz, ground_view=True)
-    n_ground = int(ground.sum())
-    lookup = np.full(Ww * D, -1, np.int64)
-    lookup[obj_flat] = np.arange(obj_flat.size) + n_ground
-    obj_idx = lookup[flat]
-
-    img = np.zeros((Ww, Hh, 3), np.float32)
-    lab = np.zeros((Ww, Hh), np.uint8)
-    dist_px = np.where(ground, d_ground, d_at).astype(np.float32)
-
-    # lighting for this capture
-    sun_az = float(rng.uniform(0, 2 * np.pi))
-    sun_el = math.radians(float(rng.uniform(*R.sun_elevation)))
-    sun_x, sun_y = math.sin(sun_az), math.cos(sun_az)
-
-    # ground
-    gi = np.arange(n_ground)
-    img[ground] = full["top"][gi]
-    lab[ground] = full["top_cls"][gi]
-    # tops seen from the side (pitched roofs, car roofs, low walls)
-    ti = obj_idx[top]
-    img[top] = full["top"][ti] * np.float32(0.92)
-    lab[top] = full["top_cls"][ti]
-    # vertical faces
-    si = obj_idx[side]
-    col = full["side"][si].copy()
-    zs = z_at[side]
-    tex = full["tex"][si]
-    fl = full["floor"][si]
-    al = full["along"][si]
-    win = (tex == TEX_WINDOWS) & (zs > 1.0)
-    fz = np.mod(zs, np.maximum(fl, 1.0)) / np.maximum(fl, 1.0)
-    fa = np.mod(al, 3.0) / 3.0
-    win &= (fz > 0.3) & (fz < 0.8) & (fa > 0.2) & (fa < 0.8)
-    col[win] = col[win] * np.float32(0.25) + world.c_glass * np.float32(0.75)
-    vwin = (tex == TEX_VEHICLE) & (zs > fl * 0.55) & (zs < fl * 0.92)
-    col[vwin] = world.c_glass
-    wheel = (tex == TEX_VEHICLE) & (zs < 0.35)
-    col[wheel] = np.float32(0.08)
-    if not clean:
-        ndot = full["nx"][si] * sun_x + full["ny"][si] * sun_y
-        col *= (np.float32(0.62) + np.float32(0.38) * np.clip(ndot, 0, 1) *
-                np.float32(math.cos(sun_el)) + np.float32(0.1))[:, None]
-    img[side] = col
-    lab[side] = full["side_cls"][si]
-    # crowns
-    ci = obj_idx[in_crown]
-    ccol = full["crown"][ci]
-    if not clean:
-        leaf = unit(hash_ints(seed, np.nonzero(in_crown)[0], np.nonzero(in_crown)[1]), 3)
-        ccol = ccol * (full["shade"][ci] * (np.float32(0.8) + np.float32(0.35) * leaf))[:, None]
-    img[in_crown] = ccol
-    lab[in_crown] = VEGETATION
-
-    # sky and the far ground
-    sky_top = _pal(R.sky_top)[0]
-    sky_hor = _pal(R.sky_horizon)[0]
-    haze = _pal(R.haze)[0]
-    none = ~any_hit
-    below = none & (tan_phi[None, :] < 0)
-    above = none & ~below
-    ac, ar = np.nonzero(above)
-    t = np.sqrt(np.clip(phi[ar] / f32(np.pi / 2), 0, 1))[:, None]
-    sky = sky_hor[None, :] + (sky_top - sky_hor)[None, :] * t
-    if not clean and ac.size:
-        # clouds on a plane above the camera: they shrink towards the horizon
-        cover = float(rng.uniform(*R.cloud_cover))
-        tphi = np.maximum(np.tan(np.maximum(phi[ar], 0.02)), 0.02)
-        theta = 2 * np.pi * ac / Ww - np.pi
-        cxp = (np.sin(theta) / tphi).astype(f32) * f32(1.2)
-        cyp = (np.cos(theta) / tphi).astype(f32) * f32(1.2)
-        cs = int(rng.integers(2**31))
-        cloud = value_noise(cs, cxp + 50.0, cyp + 50.0) * 0.65 + \
-            value_noise(cs + 1, cxp * 3.1, cyp * 3.1) * 0.35
-        cloud = np.clip((cloud - (1.0 - cover)) / 0.18, 0, 1).astype(f32)
-        cloud_col = f32(0.95) - f32(0.25) * value_noise(cs + 2, cxp * 2.0, cyp * 2.0)
-        sky = sky * (1 - cloud[:, None]) + (cloud_col * cloud)[:, None]
-    img[ac, ar] = sky
-    lab[above] = SKY
-    far_ground = (np.mean(np.stack([world.c_road, *world.p_grass]), axis=0) * 0.5 + haze * 0.5)
-    img[below] = far_ground
-    lab[below] = GROUND
-
-    if not clean:
-        fog = 1.0 - np.exp(-dist_px / np.float32(R.fog_m))
-        fog[~any_hit] = 0.0
-        img = img * (1 - fog[:, :, None]) + haze[None, None, :] * fog[:, :, None]
-        light = np.float32(0.8 + 0.25 * math.sin(sun_el))
-        img[any_hit] *= light
-        img = _photometric(img, _rng(seed, 12), 1.0)
-    return _to_u8(img.transpose(1, 0, 2)), lab.T.copy()
+    panos, _ = render_batch(world, [(x, y)], [seed], size, None, transients=transients,
+                            clean=clean)
+    return panos[0]
 
 
 def render_aerial(
@@ -1482,87 +1794,8 @@ def render_aerial(
     Pixel (row, col) covers the point x = cx + (col + 0.5 - size/2) * gsd,
     y = cy - (row + 0.5 - size/2) * gsd with gsd = tile_m / size.
     """
-    R = world.region
-    tile_m = float(tile_m or R.tile_m)
-    gsd = tile_m / size
-    rng = _rng(seed, 21)
-    sun_az = float(rng.uniform(0, 2 * np.pi))
-    sun_el = math.radians(float(rng.uniform(*R.sun_elevation)))
-    # pad the raster on the sun's side so shadows of things outside the tile fall in
-    pad_m = 0.0 if clean else min(24.0, 30.0 / math.tan(sun_el))
-    pad = int(math.ceil(pad_m / gsd))
-    sx, sy = math.sin(sun_az), math.cos(sun_az)
-    left = pad if sx < 0 else 0
-    right = pad if sx > 0 else 0
-    topp = pad if sy > 0 else 0
-    bot = pad if sy < 0 else 0
-    cols = np.arange(-left, size + right, dtype=np.float32)
-    rows = np.arange(-topp, size + bot, dtype=np.float32)
-    X = np.float32(cx) + (cols[None, :] + np.float32(0.5) - np.float32(size / 2)) * np.float32(gsd)
-    Y = np.float32(cy) - (rows[:, None] + np.float32(0.5) - np.float32(size / 2)) * np.float32(gsd)
-    X, Y = np.broadcast_arrays(X, Y)
-    shape = X.shape
-    # colours inside the tile, heights only in the margin (for the shadows)
-    in_tile = np.zeros(shape, bool)
-    in_tile[topp:topp + size, left:left + size] = True
-    fz = np.float32(gsd * 0.5)
-    s = world.sample(X[in_tile], Y[in_tile], colors=True, transients=None, fuzz=fz)
-    h = np.zeros(shape, np.float32)
-    chi = np.full(shape, -np.inf, np.float32)
-    h[in_tile] = s["h"]
-    chi[in_tile] = s["chi"]
-    if pad:
-        m = world.sample(X[~in_tile], Y[~in_tile], colors=False, transients=None, fuzz=fz)
-        h[~in_tile] = m["h"]
-        chi[~in_tile] = m["chi"]
-    crown_top = chi > h
-    Ht = np.where(crown_top, chi, h).astype(np.float32)
-    col = np.zeros((*shape, 3), np.float32)
-    col[in_tile] = np.where(crown_top[in_tile][:, None], s["crown"], s["top"])
-    if not clean:
-        # leaf texture on crowns
-        leaf = unit(hash_ints(world.seed, np.floor(X / 0.8).astype(np.int64),
-                              np.floor(Y / 0.8).astype(np.int64), 5), 0)
-        col = np.where(crown_top[:, :, None],
-                       col * (np.float32(0.8) + np.float32(0.35) * leaf)[:, :, None], col)
-        # Lambert shading from the height field
-        gy_, gx_ = np.gradient(Ht, np.float32(gsd))
-        gx_ = np.clip(gx_, -2.5, 2.5)
-        gy_ = np.clip(-gy_, -2.5, 2.5)  # rows grow southwards
-        nz = 1.0 / np.sqrt(gx_ * gx_ + gy_ * gy_ + 1.0)
-        sun = np.array([sx * math.cos(sun_el), sy * math.cos(sun_el), math.sin(sun_el)],
-                       np.float32)
-        lam = (-gx_ * sun[0] - gy_ * sun[1] + sun[2]) * nz / sun[2]
-        lam = np.clip(lam, 0.0, 1.4)
-        # cast shadows: march towards the sun over the padded height field
-        shadow = np.zeros(shape, bool)
-        tan_el = math.tan(sun_el)
-        hmax = float(Ht.max())
-        steps = int(min(pad_m, hmax / max(tan_el, 1e-3)) / gsd)
-        stride = max(1, steps // 24)
-        for st in range(stride, steps + 1, stride):
-            dc = int(round(st * sx))
-            dr = int(round(-st * sy))
-            rise = np.float32(st * gsd * tan_el)
-            src = np.full(shape, -np.inf, np.float32)
-            r0, r1 = max(0, -dr), min(shape[0], shape[0] - dr)
-            c0, c1 = max(0, -dc), min(shape[1], shape[1] - dc)
-            if r1 <= r0 or c1 <= c0:
-                continue
-            src[r0:r1, c0:c1] = Ht[r0 + dr:r1 + dr, c0 + dc:c1 + dc]
-            shadow |= src - rise > Ht + 0.15
-        light = np.where(shadow, np.float32(0.5), np.float32(0.42) + np.float32(0.58) * lam)
-        col = col * light[:, :, None]
-        # cloud shadows (aerial only)
-        cs = int(rng.integers(2**31))
-        cl = value_noise(cs, X / np.float32(90.0), Y / np.float32(90.0))
-        cover = float(rng.uniform(0.0, 0.5))
-        cshadow = np.clip((cl - (1.0 - cover)) / 0.15, 0, 1).astype(np.float32)
-        col = col * (1.0 - 0.35 * cshadow)[:, :, None]
-    col = col[topp:topp + size, left:left + size]
-    if not clean:
-        col = _photometric(col, _rng(seed, 22), 1.0)
-    return _to_u8(col)
+    _, tiles = render_batch(world, [(cx, cy)], [seed], None, size, tile_m=tile_m, clean=clean)
+    return tiles[0]
 
 
 def with_region(region: str | Region, **overrides) -> Region:

@@ -19,6 +19,7 @@ from benchmark.synthetic_world import (
     MANMADE,
     REGIONS,
     SKY,
+    STYLES,
     Box,
     World,
     describe_region,
@@ -56,7 +57,12 @@ def test_regions_are_named_and_described():
     # regions differ in what the brief asks them to differ in
     city, suburb, rural = REGIONS["grid_city"], REGIONS["suburb"], REGIONS["rural"]
     assert city.organic == 0 and suburb.organic > 0 and rural.organic > 0
-    assert city.height_median > 3 * suburb.height_median
+    def mean_height(region):
+        return sum(STYLES[k].height_median * w for k, w in region.styles.items())
+
+    assert mean_height(city) > 2 * mean_height(suburb) > 2 * 5.0
+    assert city.styles["tower"] > 0.5 and suburb.styles["house"] > 0.5
+    assert rural.landuse["field"] > 0.5 and "field" not in city.landuse
     assert len({city.tile_m, suburb.tile_m, rural.tile_m}) == 3
     assert len({city.cam_height, suburb.cam_height, rural.cam_height}) == 3
 
@@ -80,6 +86,9 @@ def test_same_seed_gives_identical_bytes_and_another_seed_differs(tmp_path, cvus
     a, b = _files(cvusa_world), _files(again)
     assert a.keys() == b.keys()
     assert all(a[k] == b[k] for k in a)
+    parallel = syn.generate(tmp_path / "parallel", "suburb", 20, seed=3, test_fraction=0.25,
+                            workers=2, **SMALL)
+    assert _files(parallel) == a  # worker processes do not change a byte
     other = _files(syn.generate(tmp_path / "other", "suburb", 20, seed=4, test_fraction=0.25,
                                 **SMALL))
     for sub in ("bingmap/19/0000001.jpg", "streetview/panos/0000001.jpg"):
@@ -362,6 +371,7 @@ def test_partial_generation_is_not_mistaken_for_a_cache(tmp_path, monkeypatch):
     ds = syn.Synthetic(region="suburb", pairs=5, seed=0, **SMALL)
     assert syn.generation_count == before + 1
     assert syn.is_complete(target) and all(p.ground.is_file() for p in ds.pairs)
+    assert not tmp.exists()  # the dead process's temp dir was cleaned up
     # a world.json that says "not complete" or comes from another version is redone too
     record = json.loads((target / "world.json").read_text())
     record["generator_version"] = -1

@@ -38,10 +38,13 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import multiprocessing
 import os
 import shutil
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -56,8 +59,7 @@ from benchmark.synthetic_world import (
     describe_region,
     get_region,
     region_record,
-    render_aerial,
-    render_panorama,
+    render_batch,
 )
 
 __all__ = ["REGIONS", "GENERATOR_VERSION", "Synthetic", "describe_region", "generate"]
@@ -67,6 +69,7 @@ LAYOUTS = ("cvusa", "vigor")
 DEFAULT_AERIAL = 128
 DEFAULT_PANO = (64, 256)
 JPEG_QUALITY = 90
+BATCH = 8  # cameras rendered together (amortises numpy's per-call overhead)
 
 # how many times `generate` has run in this process (tests check the cache with it)
 generation_count = 0
@@ -192,12 +195,14 @@ def generate(
     *,
     city: str | None = None,
     progress: Callable[[int, int], None] | None = None,
+    workers: int = 1,
 ) -> Path:
     """Render `pairs` ground/aerial pairs of `region` into `out`; returns `out`.
 
-    Deterministic: the same arguments give byte-identical files. `world.json` (written
-    last) describes the region, the seed, the sizes and the conventions. `city` names the
-    city folder of the VIGOR layout (default: the region's name in CamelCase).
+    Deterministic: the same arguments give byte-identical files, whatever `workers`
+    (processes rendering batches of cameras in parallel). `world.json` (written last)
+    describes the region, the seed, the sizes and the conventions. `city` names the city
+    folder of the VIGOR layout (default: the region's name in CamelCase).
     """
     global generation_count
     _check_args(region, pairs, layout, aerial_size, pano_size, test_fraction)
@@ -208,10 +213,10 @@ def generate(
     record = _world_record(region, seed, pairs, layout, aerial_size, pano_size, test_fraction)
     if layout == "cvusa":
         record.update(_generate_cvusa(out, world, pairs, seed, aerial_size, pano_size,
-                                      test_fraction, progress))
+                                      test_fraction, progress, workers))
     else:
         record.update(_generate_vigor(out, world, pairs, seed, aerial_size, pano_size,
-                                      test_fraction, city, progress))
+                                      test_fraction, city, progress, workers))
     record["complete"] = True
     (out / "world.json").write_text(json.dumps(record, indent=2) + "\n")
     generation_count += 1
@@ -227,8 +232,55 @@ def _split(n: int, seed: int, test_fraction: float) -> np.ndarray:
     return test
 
 
+@lru_cache(maxsize=4)
+def _world(region: str, seed: int) -> World:
+    return World(region, seed)
+
+
+def _render_job(job: tuple) -> int:
+    """Render one batch of cameras and write its files (runs in a worker process)."""
+    kind, region, seed, cams, seeds, pano_size, aerial_size, paths = job
+    world = _world(region, seed)
+    if kind == "pair":
+        panos, aerials = render_batch(world, cams, seeds, pano_size, aerial_size)
+        for (pano, labels), aerial, (p_aer, p_pano, p_ann) in zip(panos, aerials, paths,
+                                                                  strict=True):
+            _save_jpeg(aerial, p_aer)
+            _save_jpeg(pano, p_pano)
+            _save_png(labels, p_ann)
+    elif kind == "tile":
+        _, aerials = render_batch(world, cams, seeds, None, aerial_size)
+        for aerial, path in zip(aerials, paths, strict=True):
+            _save_png(aerial, path)
+    else:
+        panos, _ = render_batch(world, cams, seeds, pano_size, None)
+        for (pano, _labels), path in zip(panos, paths, strict=True):
+            _save_jpeg(pano, path)
+    return len(cams)
+
+
+def _run_jobs(jobs: list, workers: int, progress, done: int, total: int) -> int:
+    if workers <= 1 or len(jobs) < 2:
+        results = map(_render_job, jobs)
+        pool = None
+    else:
+        methods = multiprocessing.get_all_start_methods()
+        ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+        pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
+        results = pool.map(_render_job, jobs)
+    try:
+        for n in results:
+            done += n
+            if progress is not None:
+                progress(done, total)
+    finally:
+        if pool is not None:
+            pool.shutdown()
+    return done
+
+
 def _generate_cvusa(out, world, pairs, seed, aerial_size, pano_size, test_fraction,
-                    progress) -> dict:
+                    progress, workers) -> dict:
     region = world.region
     cams = camera_positions(world, pairs, region.tile_m, seed)
     aer_dir = out / "bingmap" / "19"
@@ -237,19 +289,17 @@ def _generate_cvusa(out, world, pairs, seed, aerial_size, pano_size, test_fracti
     for d in (aer_dir, pano_dir, ann_dir, out / "splits", out / "split_locations"):
         d.mkdir(parents=True, exist_ok=True)
     lat, lon = world.latlon(cams[:, 0], cams[:, 1])
-    lines = []
-    for index, (x, y) in enumerate(cams):
-        pid = f"{index + 1:07d}"
-        ps = _pair_seed(seed, index)
-        pano, labels = render_panorama(world, x, y, pano_size, seed=ps)
-        aerial = render_aerial(world, x, y, aerial_size, seed=ps)
-        _save_jpeg(aerial, aer_dir / f"{pid}.jpg")
-        _save_jpeg(pano, pano_dir / f"{pid}.jpg")
-        _save_png(labels, ann_dir / f"{pid}.png")
-        lines.append(f"bingmap/19/{pid}.jpg,streetview/panos/{pid}.jpg,"
-                     f"streetview/annotations/{pid}.png")
-        if progress is not None:
-            progress(index + 1, pairs)
+    ids = [f"{i + 1:07d}" for i in range(pairs)]
+    jobs = []
+    for start in range(0, pairs, BATCH):
+        index = range(start, min(start + BATCH, pairs))
+        paths = [(aer_dir / f"{ids[i]}.jpg", pano_dir / f"{ids[i]}.jpg",
+                  ann_dir / f"{ids[i]}.png") for i in index]
+        jobs.append(("pair", world.region.name, world.seed, cams[start:index.stop],
+                     [_pair_seed(seed, i) for i in index], pano_size, aerial_size, paths))
+    _run_jobs(jobs, workers, progress, 0, pairs)
+    lines = [f"bingmap/19/{pid}.jpg,streetview/panos/{pid}.jpg,streetview/annotations/{pid}.png"
+             for pid in ids]
     test = _split(pairs, seed, test_fraction)
     train_lines = [ln for ln, t in zip(lines, test, strict=True) if not t]
     test_lines = [ln for ln, t in zip(lines, test, strict=True) if t]
@@ -286,7 +336,7 @@ def vigor_tiles(xy: np.ndarray, tile_m: float) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _generate_vigor(out, world, pairs, seed, aerial_size, pano_size, test_fraction, city,
-                    progress) -> dict:
+                    progress, workers) -> dict:
     region = world.region
     city = city or city_name(region.name)
     tile_m = region.tile_m
@@ -301,24 +351,29 @@ def _generate_vigor(out, world, pairs, seed, aerial_size, pano_size, test_fracti
     for d in (pano_dir, sat_dir, split_dir):
         d.mkdir(parents=True, exist_ok=True)
     sat_names = {}
-    total = len(unique) + pairs
-    done = 0
     for a, b in unique:
-        cx, cy = a * stride, b * stride
-        lat, lon = world.latlon(cx, cy)
-        name = f"satellite_{float(lat)!r}_{float(lon)!r}.png"
-        sat_names[(a, b)] = name
-        ts = _pair_seed(seed, 10_000_000 + (a & 0xFFFF) * 65536 + (b & 0xFFFF))
-        _save_png(render_aerial(world, cx, cy, aerial_size, seed=ts), sat_dir / name)
-        done += 1
-        if progress is not None:
-            progress(done, total)
-    lines = []
+        lat, lon = world.latlon(a * stride, b * stride)
+        sat_names[(a, b)] = f"satellite_{float(lat)!r}_{float(lon)!r}.png"
+    names = []
     for index, (x, y) in enumerate(cams):
         lat, lon = world.latlon(x, y)
-        pano_name = f"{_panoid(seed, region.name, index)},{float(lat):.6f},{float(lon):.6f},.jpg"
-        pano, _ = render_panorama(world, x, y, pano_size, seed=_pair_seed(seed, index))
-        _save_jpeg(pano, pano_dir / pano_name)
+        names.append(f"{_panoid(seed, region.name, index)},{float(lat):.6f},{float(lon):.6f},.jpg")
+    jobs = []
+    for start in range(0, len(unique), BATCH):
+        chunk = unique[start:start + BATCH]
+        jobs.append(("tile", region.name, world.seed, [(a * stride, b * stride) for a, b in chunk],
+                     [_pair_seed(seed, 10_000_000 + (a & 0xFFFF) * 65536 + (b & 0xFFFF))
+                      for a, b in chunk], pano_size, aerial_size,
+                     [sat_dir / sat_names[key] for key in chunk]))
+    for start in range(0, pairs, BATCH):
+        index = range(start, min(start + BATCH, pairs))
+        jobs.append(("pano", region.name, world.seed, cams[start:index.stop],
+                     [_pair_seed(seed, i) for i in index], pano_size, aerial_size,
+                     [pano_dir / names[i] for i in index]))
+    _run_jobs(jobs, workers, progress, 0, len(unique) + pairs)
+    lines = []
+    for index, (x, y) in enumerate(cams):
+        pano_name = names[index]
         fields = [pano_name]
         for a, b in tiles[index]:
             cx, cy = a * stride, b * stride
@@ -326,9 +381,6 @@ def _generate_vigor(out, world, pairs, seed, aerial_size, pano_size, test_fracti
             d1 = (cx - x) / gsd  # col = S/2 - d1 (east is right)
             fields += [sat_names[(int(a), int(b))], f"{d0:.1f}", f"{d1:.1f}"]
         lines.append(" ".join(fields))
-        done += 1
-        if progress is not None:
-            progress(done, total)
     test = _split(pairs, seed, test_fraction)
     (split_dir / "satellite_list.txt").write_text("\n".join(sat_names[t] for t in unique) + "\n")
     (split_dir / "same_area_balanced_train.txt").write_text(
@@ -383,6 +435,30 @@ def is_complete(root: Path, **expect) -> bool:
     return True
 
 
+def default_workers(pairs: int) -> int:
+    """Processes for a cache generation: `$GENGEO_WORKERS`, else up to 4 cores for
+    worlds of 256 pairs or more (the result does not depend on it)."""
+    env = os.environ.get("GENGEO_WORKERS")
+    if env:
+        try:
+            return max(1, int(env))
+        except ValueError as exc:
+            raise ConfigError(f"GENGEO_WORKERS must be an integer, got {env!r}") from exc
+    return 1 if pairs < 256 else max(1, min(4, os.cpu_count() or 1))
+
+
+def _remove_stale_temps(target: Path) -> None:
+    """Delete temp dirs of this target left by generations whose process has died."""
+    for tmp in target.parent.glob(f".{target.name}.tmp-*"):
+        try:
+            pid = int(tmp.name.rsplit(".tmp-", 1)[1].split("-")[0])
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(tmp, ignore_errors=True)
+        except (ValueError, IndexError, PermissionError, OSError):
+            continue
+
+
 def ensure_generated(target: Path, region: str, pairs: int, seed: int, layout: str,
                      aerial_size: int = DEFAULT_AERIAL, pano_size=DEFAULT_PANO,
                      test_fraction: float = 0.2) -> Path:
@@ -398,9 +474,11 @@ def ensure_generated(target: Path, region: str, pairs: int, seed: int, layout: s
     if is_complete(target, **expect):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temps(target)
     tmp = target.parent / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
-        generate(tmp, region, pairs, seed, layout, aerial_size, pano_size, test_fraction)
+        generate(tmp, region, pairs, seed, layout, aerial_size, pano_size, test_fraction,
+                 workers=default_workers(pairs))
         if target.exists() and not is_complete(target, **expect):
             shutil.rmtree(target, ignore_errors=True)
         try:
