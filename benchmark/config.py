@@ -184,7 +184,7 @@ def pydantic_error(exc: pydantic.ValidationError, source: str, prefix: str = "")
     lines = []
     for err in exc.errors()[:3]:
         loc = format_loc(err["loc"])
-        path = f"{prefix}.{loc}" if prefix and loc else (prefix or loc)
+        path = f"{prefix}: {loc}" if prefix and loc else (prefix or loc)
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
@@ -203,7 +203,7 @@ def validate_cell(data: Any, source: str, prefix: str = "") -> Cell:
         cell = Cell.model_validate(data)
     except pydantic.ValidationError as exc:
         raise pydantic_error(exc, source, prefix) from None
-    at = f"{prefix}." if prefix else ""
+    at = f"{prefix}: " if prefix else ""
     registry.validate_params("backbone", cell.model.backbone.name, cell.model.backbone.params,
                              where=f"{source}: {at}model.backbone")
     registry.validate_params("aggregator", cell.model.aggregator.name,

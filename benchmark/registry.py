@@ -188,11 +188,14 @@ def validate_params(
     Returns the full keyword set (defaults included, values coerced to their declared
     types). `where` prefixes messages (e.g. "studies/x.yaml: axes.aggregator[2]").
     """
-    entry = get(kind, name)
+    prefix = f"{where}: " if where else ""
+    try:
+        entry = get(kind, name)
+    except ConfigError as exc:
+        raise ConfigError(f"{prefix}{exc}") from None
     target = entry.load()
     signature = _signature_params(target)
     hints = _type_hints(target)
-    prefix = f"{where}: " if where else ""
     merged = {**entry.params, **params}
     injected = INJECTED.get(kind, ())
     out: dict[str, Any] = {}
