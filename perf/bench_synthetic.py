@@ -1,9 +1,9 @@
 """How fast the synthetic world renders: pairs per second per region, one process.
 
 A pair is one ray-cast panorama, one aerial tile and its label map, each written to disk
-(JPEG/PNG) exactly as `generate` writes them (cameras rendered in batches of `BATCH`). Sizes default to the quickstart's (aerial
-128, panorama 64 x 256). Wall time and CPU time are both printed: on a shared machine the
-CPU figure is the steadier one.
+(JPEG/PNG) exactly as `generate` writes them (cameras rendered in batches of `BATCH`).
+Sizes default to the quickstart's (aerial 128, panorama 64 x 256). Wall time and CPU time
+are both printed: on a shared machine the CPU figure is the steadier one.
 
     .venv/bin/python perf/bench_synthetic.py [--pairs 100] [--aerial 128] [--pano 64 256]
 """

@@ -74,7 +74,8 @@ def setup(tmp_path, monkeypatch):
     ({"include": [{"colour": "red"}]}, r"m.yaml: include\[0\].colour: unknown axis"),
     ({"datasets": {"noise": {"name": "cvusa", "root": "${NO_SUCH_ROOT_VAR}"}}},
      r"m.yaml: datasets.noise.root: environment variable NO_SUCH_ROOT_VAR is not set"),
-    ({"defaults": {"train": {"epochs": "many"}}}, r"m.yaml: cell .*: train.epochs: Input should be a valid integer"),
+    ({"defaults": {"train": {"epochs": "many"}}},
+     r"m.yaml: cell .*: train.epochs: Input should be a valid integer"),
     ({"evaluate_on": ["elsewhere"]}, r"dataset 'elsewhere' is not defined"),
 ])
 def test_schema_errors_name_file_and_field(setup, tmp_path, change, expected):
@@ -122,7 +123,8 @@ def test_expansion_include_exclude_seeds_and_ids(setup, tmp_path):
     assert {c.id for c in again.cells} == {c.id for c in matrix.cells}
     moved = dict(data, datasets={"noise": {"name": "cvusa", "root": "/elsewhere"}})
     moved["defaults"] = {**data["defaults"], "train": {**data["defaults"]["train"], "num_workers": 4}}
-    assert {c.id for c in load_matrix(write(tmp_path, moved, "m2.yaml")).cells} == {c.id for c in matrix.cells}
+    moved_ids = {c.id for c in load_matrix(write(tmp_path, moved, "m2.yaml")).cells}
+    assert moved_ids == {c.id for c in matrix.cells}
     changed = dict(data)
     changed["defaults"] = {**data["defaults"], "train": {**data["defaults"]["train"], "epochs": 3}}
     assert not {c.id for c in load_matrix(write(tmp_path, changed, "m3.yaml")).cells} & {
