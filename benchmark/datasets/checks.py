@@ -182,9 +182,11 @@ class DiskDataset(CrossViewDataset):
         super().__init__(root, split)
         self.skipped_missing: list[Path] = []
 
-    # ---- to implement -----------------------------------------------------------------
+    # ---- what subclasses may refine -------------------------------------------------------
     def files_by_view(self) -> dict[str, list[Path]]:
-        raise NotImplementedError
+        """Every image file the split references, per view (default: the evaluation's)."""
+        ev = self.evaluation()
+        return {"ground": list(dict.fromkeys(ev.queries)), "aerial": list(dict.fromkeys(ev.gallery))}
 
     def options(self) -> dict[str, Any]:
         return {}
