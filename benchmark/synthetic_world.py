@@ -32,6 +32,15 @@ cloud shadows are visible only from above, and facades only from the ground.
 Panorama labels (4 classes, in the spirit of CVUSA's annotations): 0 sky, 1 man-made
 (facades, roofs, walls, vehicles, people), 2 ground (roads, pavements, plazas, water,
 bare soil), 3 vegetation (trees, hedges, grass, crops).
+
+Regions (`REGIONS`) share one vocabulary (streets, the building `STYLES`, parks, plazas,
+water, fields, trees) and differ in its proportions, in street layout (grid or organic),
+building heights, vegetation, palettes, ground-sample distance and camera height, the way
+real datasets differ; so a model trained on one region transfers, with a gap, to another.
+
+Speed: `render_batch` renders many cameras with four scene evaluations in all (near ray
+samples, far ray samples for the columns still open, the aerial tiles, the first hits),
+and the panorama's ground inside its own aerial tile takes the tile's colours.
 """
 
 from __future__ import annotations
@@ -50,6 +59,9 @@ LABELS = {SKY: "sky", MANMADE: "man-made", GROUND: "ground", VEGETATION: "vegeta
 # land use of a block
 BUILT, PARK, PLAZA, WATER, FIELD, PARKING = range(6)
 LANDUSES = ("built", "park", "plaza", "water", "field", "parking")
+
+# vehicles and people are placed only this close to the camera (metres)
+TRANSIENT_RANGE = 70.0
 
 # side texture of a vertical surface hit by a ray
 TEX_PLAIN, TEX_WINDOWS, TEX_VEHICLE = 0, 1, 2
@@ -283,6 +295,10 @@ class Region:
     sky_horizon: tuple = (190, 205, 220)
     haze: tuple = (185, 195, 205)
     vehicles: tuple = ()
+    # a gentle large-scale bend of the street grid (metres, wavelength): the grid stays
+    # straight over a few blocks but its orientation drifts across the region
+    bend: float = 0.0
+    bend_scale: float = 2500.0
 
     def gsd(self, aerial_size: int) -> float:
         return self.tile_m / aerial_size
@@ -312,11 +328,12 @@ REGIONS: dict[str, Region] = {
         sidewalk=3.5,
         marking_prob=1.0,
         crossings=True,
-        landuse={"built": 0.76, "park": 0.08, "plaza": 0.07, "water": 0.03, "parking": 0.06},
-        styles={"tower": 0.55, "rowhouse": 0.25, "commercial": 0.15, "house": 0.05},
+        landuse={"built": 0.71, "park": 0.12, "plaza": 0.06, "water": 0.03, "parking": 0.05,
+                 "field": 0.03},
+        styles={"tower": 0.46, "rowhouse": 0.25, "commercial": 0.14, "house": 0.15},
         district_scale=700.0,
         tint=(0.97, 0.97, 1.0, 0.75),
-        street_tree_prob=0.5,
+        street_tree_prob=0.6,
         street_tree_spacing=9.0,
         park_tree_density=0.55,
         field_tree_density=0.0,
@@ -342,6 +359,8 @@ REGIONS: dict[str, Region] = {
         sky_horizon=(195, 205, 215),
         haze=(190, 195, 200),
         vehicles=_VEHICLES,
+        bend=140.0,
+        bend_scale=2600.0,
     ),
     "suburb": Region(
         name="suburb",
@@ -361,8 +380,8 @@ REGIONS: dict[str, Region] = {
         sidewalk=1.8,
         marking_prob=0.6,
         crossings=False,
-        landuse={"built": 0.8, "park": 0.1, "plaza": 0.02, "water": 0.03, "parking": 0.02,
-                 "field": 0.03},
+        landuse={"built": 0.78, "park": 0.1, "plaza": 0.02, "water": 0.03, "parking": 0.02,
+                 "field": 0.05},
         styles={"house": 0.6, "commercial": 0.15, "rowhouse": 0.15, "tower": 0.1},
         district_scale=500.0,
         tint=(1.03, 1.0, 0.95, 1.1),
@@ -399,24 +418,24 @@ REGIONS: dict[str, Region] = {
         description="sparse winding country roads through striped crop fields, pastures, "
         "hedgerows, woodland and ponds; farmsteads with barns and small villages",
         origin=(41.9000, -93.6000),
-        tile_m=96.0,
+        tile_m=90.0,
         cam_height=2.0,
-        view_m=220.0,
+        view_m=190.0,
         fog_m=900.0,
         organic=45.0,
         warp_scale=520.0,
-        block=(260.0, 190.0),
+        block=(190.0, 140.0),
         block_jitter=0.35,
         road_half=(2.7, 3.4),
         avenue_every=0,
         sidewalk=2.2,
         marking_prob=0.7,
         crossings=False,
-        landuse={"field": 0.55, "built": 0.25, "park": 0.13, "water": 0.07},
-        styles={"farm": 0.45, "house": 0.35, "rowhouse": 0.1, "commercial": 0.1},
+        landuse={"field": 0.38, "built": 0.42, "park": 0.12, "water": 0.05, "parking": 0.03},
+        styles={"farm": 0.3, "house": 0.4, "rowhouse": 0.15, "commercial": 0.15},
         district_scale=1000.0,
         tint=(1.0, 0.98, 0.94, 0.95),
-        street_tree_prob=0.25,
+        street_tree_prob=0.4,
         street_tree_spacing=14.0,
         park_tree_density=0.85,
         field_tree_density=0.5,
@@ -562,6 +581,14 @@ class World:
                         (axis, np.float32(amp), np.float32(k * math.cos(direction)),
                          np.float32(k * math.sin(direction)), np.float32(rng.uniform(0, 6.3)))
                     )
+        if r.bend > 0:
+            for axis in range(2):
+                direction = rng.uniform(0, 2 * math.pi)
+                k = 2 * math.pi / r.bend_scale
+                self.warp.append(
+                    (axis, np.float32(min(r.bend, 0.35 / k)), np.float32(k * math.cos(direction)),
+                     np.float32(k * math.sin(direction)), np.float32(rng.uniform(0, 6.3)))
+                )
         names = list(r.landuse)
         probs = np.asarray([r.landuse[k] for k in names], dtype=np.float64)
         self._lu_cdf = np.cumsum(probs / probs.sum()).astype(np.float32)
@@ -896,7 +923,9 @@ class World:
             self._street_trees(P, o, interior, walk, road)
         if tr is not None and (np.any(np.asarray(tr.vehicle_prob) > 0) or
                                np.any(np.asarray(tr.pedestrian_prob) > 0)):
-            idx = np.nonzero((road | walk) & ground_view)[0]
+            # vehicles and people farther than TRANSIENT_RANGE are below a pixel: skip them
+            near = (qx - np.asarray(tr.cam_qx, f32)) ** 2 + (qy - np.asarray(tr.cam_qy, f32)) ** 2
+            idx = np.nonzero((road | walk) & ground_view & (near < f32(TRANSIENT_RANGE ** 2)))[0]
             if idx.size:
                 sub = Transients(**{k: _subset(v, idx, n) for k, v in vars(tr).items()})
                 self._transients(sub, idx, P.take(idx), road[idx], walk[idx], o)
@@ -1468,8 +1497,12 @@ class _Pano:
             tan_top = ((self.hgt[:, :k1] - self.cam) / self.dist[None, :k1]).max(axis=1)
             self.todo = np.nonzero(tan_top < self.tan_phi[0])[0]
 
-    def add_hits(self, batch: _Batch) -> None:
-        """The first surface along every ray; queue its full attributes."""
+    def add_hits(self, batch: _Batch, tile: _Aerial | None = None) -> None:
+        """The first surface along every ray; queue its full attributes.
+
+        With the aerial `tile` of the same centre already evaluated, ground hits inside
+        it take their colour from the tile's nearest pixel instead of a new evaluation.
+        """
         f32 = np.float32
         Hh, Ww, D, cam = self.H, self.W, self.D, self.cam
         dist, tan_phi, hgt, chi = self.dist, self.tan_phi, self.hgt, self.chi
@@ -1513,15 +1546,27 @@ class _Pano:
         obj = (hf_hit & ~ground) | in_crown
         obj_flat = np.unique(flat[obj])
         oc, ok_ = np.divmod(obj_flat, D)
-        n_ground = int(ground.sum())
-        qx = np.concatenate([gx[ground], f32(self.x) + self.dirx[oc] * dist[ok_]])
-        qy = np.concatenate([gy[ground], f32(self.y) + self.diry[oc] * dist[ok_]])
-        qfuzz = np.concatenate([np.zeros(n_ground, f32), self.step[ok_] * f32(0.6)])
+        gx, gy = gx[ground], gy[ground]
+        self.g_known = np.zeros(gx.size, bool)
+        if tile is not None:
+            S, gsd = tile.size, tile.gsd
+            tc = np.floor((gx - f32(tile.cx)) / f32(gsd) + f32(S / 2)).astype(np.int64)
+            tr_ = np.floor((f32(tile.cy) - gy) / f32(gsd) + f32(S / 2)).astype(np.int64)
+            inside = (tc >= 0) & (tc < S) & (tr_ >= 0) & (tr_ < S)
+            tc, tr_ = np.where(inside, tc, 0), np.where(inside, tr_, 0)
+            self.g_known = inside & (tile.raw["h"][tr_, tc] < 0.05)
+            self.g_top = tile.raw["top"][tr_[self.g_known], tc[self.g_known]]
+            self.g_cls = tile.raw["top_cls"][tr_[self.g_known], tc[self.g_known]]
+        todo = ~self.g_known
+        n_eval = int(todo.sum())
+        qx = np.concatenate([gx[todo], f32(self.x) + self.dirx[oc] * dist[ok_]])
+        qy = np.concatenate([gy[todo], f32(self.y) + self.diry[oc] * dist[ok_]])
+        qfuzz = np.concatenate([np.zeros(n_eval, f32), self.step[ok_] * f32(0.6)])
         self.sl = batch.add(qx, qy, qfuzz, True, self.tr)
         lookup = np.full(Ww * D, -1, np.int64)
-        lookup[obj_flat] = np.arange(obj_flat.size) + n_ground
+        lookup[obj_flat] = np.arange(obj_flat.size) + n_eval
         self.obj_idx = lookup[flat]
-        self.n_ground = n_ground
+        self.n_eval = n_eval
         self.masks = (any_hit, ground, side, top, in_crown)
         self.z_at = z_at
         self.dist_px = np.where(ground, d_ground, d_at).astype(f32)
@@ -1540,9 +1585,15 @@ class _Pano:
         sun_el = math.radians(float(rng.uniform(*R.sun_elevation)))
         sun_x, sun_y = math.sin(sun_az), math.cos(sun_az)
         # ground
-        gi = np.arange(self.n_ground)
-        img[ground] = full["top"][gi]
-        lab[ground] = full["top_cls"][gi]
+        g_top = np.empty((self.g_known.size, 3), f32)
+        g_cls = np.empty(self.g_known.size, np.uint8)
+        g_top[~self.g_known] = full["top"][:self.n_eval]
+        g_cls[~self.g_known] = full["top_cls"][:self.n_eval]
+        if self.g_known.any():
+            g_top[self.g_known] = self.g_top
+            g_cls[self.g_known] = self.g_cls
+        img[ground] = g_top
+        lab[ground] = g_cls
         # tops seen from the side (pitched roofs, car roofs, low walls)
         ti = obj_idx[top]
         img[top] = full["top"][ti] * f32(0.92)
@@ -1616,6 +1667,7 @@ class _Aerial:
                  tile_m: float | None, clean: bool):
         R = world.region
         self.world, self.size, self.seed, self.clean = world, size, seed, clean
+        self.cx, self.cy = cx, cy
         self.gsd = gsd = float(tile_m or R.tile_m) / size
         self.rng = _rng(seed, 21)
         sun_az = float(self.rng.uniform(0, 2 * np.pi))
@@ -1639,20 +1691,41 @@ class _Aerial:
         self.sl_margin = None
 
     def add_margin(self, batch: _Batch) -> None:
+        """Heights in the margin, on every other pixel (they only cast shadows)."""
         if not self.in_tile.all():
-            out = ~self.in_tile
-            self.sl_margin = batch.add(self.X[out], self.Y[out], self.gsd * 0.5, False)
+            self.coarse = ~self.in_tile[::2, ::2]
+            self.sl_margin = batch.add(self.X[::2, ::2][self.coarse], self.Y[::2, ::2][self.coarse],
+                                       self.gsd, False)
 
     def take_margin(self, out: dict | None) -> None:
-        self.margin = _part(out, self.sl_margin) if self.sl_margin is not None else None
+        self.margin = None
+        if self.sl_margin is not None:
+            m = _part(out, self.sl_margin)
+            shape = self.coarse.shape
+            h = np.zeros(shape, np.float32)
+            chi = np.full(shape, -np.inf, np.float32)
+            h[self.coarse] = m["h"]
+            chi[self.coarse] = m["chi"]
+            rows, cols = self.X.shape
+            out_ = ~self.in_tile
+            self.margin = {k: np.repeat(np.repeat(a, 2, 0), 2, 1)[:rows, :cols][out_]
+                           for k, a in (("h", h), ("chi", chi))}
 
     def add_tile(self, batch: _Batch) -> None:
         self.sl_tile = batch.add(self.X[self.in_tile], self.Y[self.in_tile], self.gsd * 0.5,
                                  False)
 
-    def finish(self, out: dict) -> np.ndarray:
-        f32 = np.float32
+    def take_tile(self, out: dict) -> None:
+        """Keep the tile's raw attributes (also used for the panorama's ground)."""
         s = _part(out, self.sl_tile)
+        S = self.size
+        self.raw = {"h": s["h"].reshape(S, S), "top": s["top"].reshape(S, S, 3),
+                    "top_cls": s["top_cls"].reshape(S, S)}
+        self.s = s
+
+    def finish(self) -> np.ndarray:
+        f32 = np.float32
+        s = self.s
         X, Y, in_tile, gsd, size = self.X, self.Y, self.in_tile, self.gsd, self.size
         shape = X.shape
         h = np.zeros(shape, f32)
@@ -1669,9 +1742,10 @@ class _Aerial:
         if not self.clean:
             sx, sy, sun_el = self.sx, self.sy, self.sun_el
             # leaf texture on crowns
-            leaf = unit(hash_ints(self.world.seed, np.floor(X / 0.8), np.floor(Y / 0.8), 5), 0)
-            col = np.where(crown_top[:, :, None],
-                           col * (f32(0.8) + f32(0.35) * leaf)[:, :, None], col)
+            leafy = crown_top & in_tile
+            leaf = unit(hash_ints(self.world.seed, np.floor(X[leafy] / 0.8),
+                                  np.floor(Y[leafy] / 0.8), 5), 0)
+            col[leafy] *= (f32(0.8) + f32(0.35) * leaf)[:, None]
             # Lambert shading from the height field
             gy_, gx_ = np.gradient(Ht, f32(gsd))
             gx_ = np.clip(gx_, -2.5, 2.5)
@@ -1684,6 +1758,7 @@ class _Aerial:
             tan_el = math.tan(sun_el)
             steps = int(min(self.pad_m, float(Ht.max()) / max(tan_el, 1e-3)) / gsd)
             stride = max(1, steps // 24)
+            base = Ht + f32(0.15)
             for st in range(stride, steps + 1, stride):
                 dc = int(round(st * sx))
                 dr = int(round(-st * sy))
@@ -1691,18 +1766,20 @@ class _Aerial:
                 c0, c1 = max(0, -dc), min(shape[1], shape[1] - dc)
                 if r1 <= r0 or c1 <= c0:
                     continue
-                src = np.full(shape, -np.inf, f32)
-                src[r0:r1, c0:c1] = Ht[r0 + dr:r1 + dr, c0 + dc:c1 + dc]
-                shadow |= src - f32(st * gsd * tan_el) > Ht + 0.15
+                shadow[r0:r1, c0:c1] |= (Ht[r0 + dr:r1 + dr, c0 + dc:c1 + dc] -
+                                         f32(st * gsd * tan_el)) > base[r0:r1, c0:c1]
             light = np.where(shadow, f32(0.5), f32(0.42) + f32(0.58) * lam)
-            col = col * light[:, :, None]
+            col = (col * light[:, :, None])[self.top:self.top + size, self.left:self.left + size]
             # cloud shadows (seen only from above)
             cs = int(self.rng.integers(2**31))
-            cl = value_noise(cs, X / f32(90.0), Y / f32(90.0))
+            Xt = X[self.top:self.top + size, self.left:self.left + size]
+            Yt = Y[self.top:self.top + size, self.left:self.left + size]
+            cl = value_noise(cs, Xt / f32(90.0), Yt / f32(90.0))
             cover = float(self.rng.uniform(0.0, 0.5))
             cshadow = np.clip((cl - (1.0 - cover)) / 0.15, 0, 1).astype(f32)
             col = col * (1.0 - 0.35 * cshadow)[:, :, None]
-        col = col[self.top:self.top + size, self.left:self.left + size]
+        else:
+            col = col[self.top:self.top + size, self.left:self.left + size]
         if not self.clean:
             col = _photometric(col, _rng(self.seed, 22), 1.0)
         return _to_u8(col)
@@ -1750,13 +1827,26 @@ def render_batch(
     out = far.run(world, colors=False)
     for p in panos:
         p.take_samples(out)
+    # the tiles first when they share the panoramas' centres: their ground serves both
+    shared = bool(panos) and bool(tiles) and aerial_centres is None
+    if shared:
+        batch = _Batch()
+        for a in tiles:
+            a.add_tile(batch)
+        out = batch.run(world, colors=True)
+        for a in tiles:
+            a.take_tile(out)
     last = _Batch()
-    for p in panos:
-        p.add_hits(last)
-    for a in tiles:
-        a.add_tile(last)
+    for n, p in enumerate(panos):
+        p.add_hits(last, tiles[n] if shared else None)
+    if not shared:
+        for a in tiles:
+            a.add_tile(last)
     out = last.run(world, colors=True)
-    return [p.finish(out) for p in panos], [a.finish(out) for a in tiles]
+    if not shared:
+        for a in tiles:
+            a.take_tile(out)
+    return [p.finish(out) for p in panos], [a.finish() for a in tiles]
 
 
 def render_panorama(
