@@ -6,6 +6,8 @@ IEEE TPAMI, 2018.
     d_c = ( mean_{i} clamp(x_{c,i}, eps)^p )^(1/p)
 
 p = 1 is average pooling, p -> inf tends to max pooling; p is learned (initialised at 3).
+`whiten: D` adds the paper's learned whitening, a linear map (with bias) of the pooled
+vector to D dimensions before the final L2 normalisation.
 """
 
 from __future__ import annotations
@@ -19,12 +21,13 @@ from benchmark.features import Features
 
 
 class GeM(nn.Module):
-    """Generalised-mean pooling over the patch map; `out_dim` = `in_dim`."""
+    """Generalised-mean pooling over the patch map; `out_dim` = `in_dim` (or `whiten`)."""
 
     # No cluster-assignment space: `share: clusters` has nothing to tie.
     cluster_params: tuple[str, ...] = ()
 
-    def __init__(self, in_dim: int, p: float = 3.0, eps: float = 1e-6) -> None:
+    def __init__(self, in_dim: int, p: float = 3.0, eps: float = 1e-6,
+                 whiten: int | None = None) -> None:
         super().__init__()
         if in_dim <= 0:
             raise ConfigError(f"aggregator 'gem': in_dim must be positive, got {in_dim}")
@@ -32,15 +35,20 @@ class GeM(nn.Module):
             raise ConfigError(f"aggregator 'gem': p must be positive, got {p}")
         if eps <= 0:
             raise ConfigError(f"aggregator 'gem': eps must be positive, got {eps}")
+        if whiten is not None and whiten <= 0:
+            raise ConfigError(f"aggregator 'gem': whiten must be positive, got {whiten}")
         self.in_dim = in_dim
-        self.out_dim = in_dim
+        self.out_dim = whiten or in_dim
         self.eps = eps
         self.p = nn.Parameter(torch.tensor([float(p)]))
+        self.whiten = nn.Linear(in_dim, whiten) if whiten else None
 
     def forward(self, features: Features) -> torch.Tensor:
         x = features.patches
         # The clamp keeps x^p real and differentiable in p (log x is needed for dp).
         pooled = x.clamp(min=self.eps).pow(self.p).mean(dim=(2, 3)).pow(1.0 / self.p)
+        if self.whiten is not None:
+            pooled = self.whiten(F.normalize(pooled, p=2, dim=1))
         return F.normalize(pooled, p=2, dim=1)
 
     def extra_repr(self) -> str:

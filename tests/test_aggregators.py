@@ -361,3 +361,15 @@ def test_gradients_reach_all_parameters(name, extra):
         assert param.grad is not None, pname
         assert param.grad.abs().sum() > 0, pname
     assert feats.patches.grad.abs().sum() > 0
+
+
+def test_gem_learned_whitening_is_a_linear_map_of_the_normalised_pooling():
+    from benchmark.registry import build
+
+    torch.manual_seed(0)
+    plain = build("aggregator", "gem", in_dim=6)
+    white = build("aggregator", "gem", in_dim=6, whiten=4)
+    assert white.out_dim == 4
+    feats = Features(torch.rand(3, 6, 2, 2) + 0.1, None)
+    expected = torch.nn.functional.normalize(white.whiten(plain(feats)), dim=1)
+    torch.testing.assert_close(white(feats), expected)

@@ -1,0 +1,102 @@
+"""The matrix runner's own overhead per Cell, and the quickstart's wall time.
+
+    python perf/bench_runner.py [--matrix studies/quickstart.yaml] [--only PATTERN]
+
+Runs the matrix in a fresh temporary working directory (new MLflow SQLite store, new
+caches except the synthetic world, which is generated once beforehand and not timed),
+timing for every Cell the work of `run_cell` (training + evaluation) and everything the
+runner does around it (MLflow child run, params, metrics, artifacts, bookkeeping). Prints
+per-Cell figures, the overhead ratio, the report's time and the whole wall time, then
+runs the same command again to time a fully skipped re-run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import tempfile
+import time
+from pathlib import Path
+
+import benchmark.engine as engine
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--matrix", default=str(REPO / "studies" / "quickstart.yaml"))
+    parser.add_argument("--only", default=None)
+    parser.add_argument("--keep", default=None, help="run in this folder and keep it (store, report)")
+    args = parser.parse_args()
+
+    work_times: list[float] = []
+    real_run_cell = engine.run_cell
+
+    def timed_run_cell(*a, **kw):
+        start = time.perf_counter()
+        try:
+            return real_run_cell(*a, **kw)
+        finally:
+            work_times.append(time.perf_counter() - start)
+
+    engine.run_cell = timed_run_cell
+    from benchmark import report as report_module
+    from benchmark.matrix import load_matrix
+    from benchmark.runner import run_matrix
+    from benchmark.train import open_dataset
+
+    matrix_path = Path(args.matrix).resolve()
+    # Generate the datasets first (the synthetic world is cached across runs).
+    for ref in {k: v for mc in load_matrix(matrix_path).cells
+                for k, v in mc.cell.datasets.items()}.values():
+        open_dataset(ref, ref.train_split), open_dataset(ref, ref.test_split)
+
+    report_time: list[float] = []
+    real_write_report = report_module.write_report
+
+    def timed_report(*a, **kw):
+        start = time.perf_counter()
+        try:
+            return real_write_report(*a, **kw)
+        finally:
+            report_time.append(time.perf_counter() - start)
+
+    report_module.write_report = timed_report
+    with tempfile.TemporaryDirectory() as scratch:
+        tmp = args.keep or scratch
+        Path(tmp).mkdir(parents=True, exist_ok=True)
+        os.chdir(tmp)
+        # Fresh descriptor and feature caches; the already generated world is shared.
+        shared = Path(os.environ.get("GENGEO_CACHE", Path.home() / ".cache" / "gengeo-bench"))
+        fresh = Path(tmp) / "cache"
+        fresh.mkdir()
+        (fresh / "synthetic").symlink_to(shared / "synthetic")
+        os.environ["GENGEO_CACHE"] = str(fresh)
+        start = time.perf_counter()
+        outcomes = run_matrix(matrix_path, only=args.only)
+        wall = time.perf_counter() - start
+        start = time.perf_counter()
+        again = run_matrix(matrix_path, only=args.only)
+        rerun = time.perf_counter() - start
+
+    print("\nper Cell: runner time (incl. run_cell) | run_cell work | overhead")
+    cell_total = sum(o.seconds for o in outcomes)
+    for o, work in zip(outcomes, work_times, strict=False):
+        print(f"  {o.cell.id}  {o.seconds:7.2f} s | {work:7.2f} s | {o.seconds - work:5.2f} s "
+              f"({100 * (o.seconds - work) / work:.1f}%)")
+    work = sum(work_times)
+    print(f"cells: {len(outcomes)}; work {work:.1f} s; runner overhead {cell_total - work:.1f} s "
+          f"= {100 * (cell_total - work) / work:.1f}% of the work "
+          f"({(cell_total - work) / max(1, len(outcomes)):.2f} s per Cell)")
+    print(f"report: {report_time[0] if report_time else float('nan'):.1f} s; "
+          f"whole run wall time {wall:.1f} s (matrix load, MLflow setup, cells, report)")
+    print(f"re-run with every Cell finished: {rerun:.1f} s "
+          f"({sum(o.status == 'skipped' for o in again)} skipped)")
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"peak RSS: {peak:.0f} MiB")
+
+
+if __name__ == "__main__":
+    main()
