@@ -1361,7 +1361,7 @@ def _ray_geometry(H: int, W: int, view_m: float):
     col_angle = 2 * np.pi / W
     d = [0.4]
     while d[-1] < view_m:
-        d.append(d[-1] + max(0.3, d[-1] * col_angle * 1.3))
+        d.append(d[-1] + max(0.35, d[-1] * col_angle * 1.45))
     dist = np.asarray(d, dtype=np.float32)
     step = np.diff(np.concatenate([[0.15], dist])).astype(np.float32)
     V = 2 * np.pi * H / W
