@@ -289,7 +289,7 @@ def test_journal_storage_and_n_trials_override(work, monkeypatch):
     ({"train.epochs": {"int": [0, 4], "when": {"train.nope": 1}}},
      "space.train.epochs.when.train.nope: this field is neither searched"),
     ({"train.batch_size": {"int": [1, 8]}},
-     "base.train.batch_size: Input should be greater than or equal to 2"),
+     "base: train.batch_size: Input should be greater than or equal to 2"),
     ({"model.aggregator.num_clusters": {"categorical": [2, "many"]}}, "parameter 'num_clusters' = 'many'"),
 ])
 def test_search_space_errors_name_the_file_and_the_field(work, space, expected):
