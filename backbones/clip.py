@@ -37,7 +37,7 @@ from open_clip.transformer import QuickGELU, VisionTransformer
 from torch import nn
 
 from benchmark.errors import ConfigError, WeightsError
-from benchmark.features import Features
+from benchmark.features import Backbone, Features
 from benchmark.weights import (
     check_input_size,
     check_trainable_blocks,
@@ -66,7 +66,7 @@ def resample_position_embedding(
     return torch.cat([pos[:1], grid.to(pos.dtype)], dim=0)
 
 
-class CLIPVisual(nn.Module):
+class CLIPVisual(Backbone):
     """The image tower of an open_clip ViT, returning pre-projection tokens."""
 
     def __init__(
@@ -149,17 +149,7 @@ class CLIPVisual(nn.Module):
         visual.proj.requires_grad_(False)  # unused by the features
         self._what = what
 
-    @property
-    def is_frozen(self) -> bool:
-        """True when nothing trains (the engine may cache this backbone's features)."""
-        return self.trainable_blocks == 0
 
-    @property
-    def first_trainable_block(self) -> int:
-        """Index of the first block that trains (`num_blocks` when frozen)."""
-        if self.trainable_blocks is None:
-            return 0
-        return self.num_blocks - self.trainable_blocks
 
     def _frozen_parts(self) -> list[nn.Module]:
         if self.trainable_blocks is None:
@@ -169,13 +159,6 @@ class CLIPVisual(nn.Module):
         parts += list(visual.transformer.resblocks[: self.first_trainable_block])
         return parts + ([visual.ln_post] if self.trainable_blocks == 0 else [])
 
-    def train(self, mode: bool = True) -> CLIPVisual:
-        """Frozen parts stay in eval mode (no dropout) while training."""
-        super().train(mode)
-        if mode:
-            for part in self._frozen_parts():
-                part.eval()
-        return self
 
     def forward(self, images: torch.Tensor) -> Features:
         batch, _, height, width = images.shape

@@ -38,7 +38,7 @@ from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_
 from torch import nn
 
 from benchmark.errors import ConfigError, WeightsError
-from benchmark.features import Features
+from benchmark.features import Backbone, Features
 from benchmark.weights import (
     check_input_size,
     check_trainable_blocks,
@@ -79,7 +79,7 @@ def import_hub_state_dict(
     return out
 
 
-class DINOv2(nn.Module):
+class DINOv2(Backbone):
     """A DINOv2 ViT (timm) returning the patch map and the class token."""
 
     def __init__(
@@ -136,17 +136,7 @@ class DINOv2(nn.Module):
             train_only(model, [*model.blocks[self.num_blocks - n :], model.norm] if n else [])
         self._what = what
 
-    @property
-    def is_frozen(self) -> bool:
-        """True when nothing trains (the engine may cache this backbone's features)."""
-        return self.trainable_blocks == 0
 
-    @property
-    def first_trainable_block(self) -> int:
-        """Index of the first block that trains (`num_blocks` when frozen)."""
-        if self.trainable_blocks is None:
-            return 0
-        return self.num_blocks - self.trainable_blocks
 
     def _frozen_parts(self) -> list[nn.Module]:
         if self.trainable_blocks is None:
@@ -156,13 +146,6 @@ class DINOv2(nn.Module):
         parts += list(vit.blocks[: self.first_trainable_block])
         return parts + ([vit.norm] if self.trainable_blocks == 0 else [])
 
-    def train(self, mode: bool = True) -> DINOv2:
-        """Frozen parts stay in eval mode (no dropout / statistics updates) while training."""
-        super().train(mode)
-        if mode:
-            for part in self._frozen_parts():
-                part.eval()
-        return self
 
     def forward(self, images: torch.Tensor) -> Features:
         batch, _, height, width = images.shape

@@ -30,7 +30,7 @@ from timm.models.resnet import ResNet as TimmResNet
 from torch import nn
 
 from benchmark.errors import ConfigError, WeightsError
-from benchmark.features import Features
+from benchmark.features import Backbone, Features
 from benchmark.weights import (
     check_input_size,
     check_trainable_blocks,
@@ -45,7 +45,7 @@ from benchmark.weights import (
 NUM_STAGES = 4
 
 
-class ResNet(nn.Module):
+class ResNet(Backbone):
     """A timm ResNet returning its last feature map (no class token)."""
 
     def __init__(
@@ -117,25 +117,12 @@ class ResNet(nn.Module):
         """The modules before layer1."""
         return [self.model.conv1, self.model.bn1, self.model.act1, self.model.maxpool]
 
-    @property
-    def is_frozen(self) -> bool:
-        """True when nothing trains (the engine may cache this backbone's features)."""
-        return self.trainable_blocks == 0
 
-    @property
-    def first_trainable_block(self) -> int:
-        """Index of the first stage that trains (4 when frozen)."""
+
+    def _frozen_parts(self) -> list[nn.Module]:
         if self.trainable_blocks is None:
-            return 0
-        return NUM_STAGES - self.trainable_blocks
-
-    def train(self, mode: bool = True) -> ResNet:
-        """Frozen parts stay in eval mode: their BatchNorm statistics do not move."""
-        super().train(mode)
-        if mode and self.trainable_blocks is not None:
-            for part in self.stem + self.stages[: self.first_trainable_block]:
-                part.eval()
-        return self
+            return []
+        return self.stem + self.stages[: self.first_trainable_block]
 
     def forward(self, images: torch.Tensor) -> Features:
         check_input_size(images.shape[2], images.shape[3], self.patch_size, self._what)

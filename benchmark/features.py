@@ -34,3 +34,37 @@ class Features:
     def to(self, *args, **kwargs) -> Features:
         cls = None if self.cls is None else self.cls.to(*args, **kwargs)
         return Features(self.patches.to(*args, **kwargs), cls)
+
+
+class Backbone(torch.nn.Module):
+    """Behaviour every backbone family shares around `trainable_blocks`.
+
+    Subclasses set `trainable_blocks` (None = all train, 0 = frozen) and `num_blocks`,
+    and list in `_frozen_parts()` the modules before the first trainable block.
+    """
+
+    trainable_blocks: int | None = None
+    num_blocks: int = 0
+
+    @property
+    def is_frozen(self) -> bool:
+        """True when nothing trains (the engine may cache this backbone's features)."""
+        return self.trainable_blocks == 0
+
+    @property
+    def first_trainable_block(self) -> int:
+        """Index of the first block that trains (`num_blocks` when frozen)."""
+        if self.trainable_blocks is None:
+            return 0
+        return self.num_blocks - self.trainable_blocks
+
+    def _frozen_parts(self) -> list[torch.nn.Module]:
+        return []
+
+    def train(self, mode: bool = True) -> Backbone:
+        """Frozen parts stay in eval mode (no dropout, no BatchNorm statistics) while training."""
+        super().train(mode)
+        if mode:
+            for part in self._frozen_parts():
+                part.eval()
+        return self
