@@ -21,7 +21,8 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import torch
 
-QUERY_CHUNK = 4096
+QUERY_CHUNK = 4096  # GPU: a chunk's similarity block is QUERY_CHUNK x gallery floats
+RESULT_BUDGET = 64 * 2**20  # CPU: bytes of top-k results per FAISS call (scores + ids)
 
 
 def k_for_one_percent(gallery_size: int) -> int:
@@ -37,8 +38,8 @@ def topk_search(
     CPU: an exact FAISS inner-product index. CUDA: chunked matrix products + topk.
     """
     k = min(k, len(gallery))
-    chunk = chunk or QUERY_CHUNK
     if device.startswith("cuda"):
+        chunk = chunk or QUERY_CHUNK
         gallery_t = torch.as_tensor(gallery, device=device)
         for start in range(0, len(query), chunk):
             q = torch.as_tensor(query[start:start + chunk], device=device)
@@ -49,6 +50,9 @@ def topk_search(
 
     index = faiss.IndexFlatIP(gallery.shape[1])
     index.add(np.ascontiguousarray(gallery, dtype=np.float32))
+    # As many queries per call as the result budget allows: FAISS blocks the products
+    # itself, and fewer, larger calls keep its threads busy (20k x 200 fits in one).
+    chunk = chunk or max(1, RESULT_BUDGET // (k * 12))
     for start in range(0, len(query), chunk):
         scores, indices = index.search(np.ascontiguousarray(query[start:start + chunk]), k)
         yield start, scores, indices

@@ -53,7 +53,7 @@ def test_random_float_problem_and_chunking(monkeypatch):
     query = _normalise(gallery[:300] + 0.4 * rng.standard_normal((300, 16)))
     gt = np.arange(300)
     ranks = _direct_ranks(query, gallery, gt)
-    monkeypatch.setattr(metrics, "QUERY_CHUNK", 64)
+    monkeypatch.setattr(metrics, "RESULT_BUDGET", 64 * 10 * 12)  # 64 queries per FAISS call
     out = metrics.retrieval_metrics(query, gallery, gt, return_ranks=True)
     k_pct = metrics.k_for_one_percent(500)
     assert k_pct == 5
