@@ -61,6 +61,7 @@ def list_plugins(kind: str | None) -> None:
     in_dim 768 (DINOv2-B/14). Plugins come from registry.yaml and from installed packages
     that declare the `gengeo_bench.plugins` entry-point group.
     """
+    from rich.markup import escape
     from rich.table import Table
 
     from benchmark import registry
@@ -76,7 +77,7 @@ def list_plugins(kind: str | None) -> None:
             licence = entry.meta.get("weights_licence")
             if licence:
                 paper = f"{paper} [{licence}]"
-            table.add_row(name, str(entry.meta.get("family", "")), dim, count, paper)
+            table.add_row(name, str(entry.meta.get("family", "")), dim, count, escape(paper))
         console.print(table)
 
 
