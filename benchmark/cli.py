@@ -340,7 +340,9 @@ def main() -> None:
         exc.show()
         sys.exit(exc.exit_code)
     except BenchmarkError as exc:
-        err_console.print(f"[bold red]error:[/bold red] {exc}", highlight=False)
+        from rich.markup import escape
+
+        err_console.print(f"[bold red]error:[/bold red] {escape(str(exc))}", highlight=False)
         sys.exit(exc.exit_code)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
