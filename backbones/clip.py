@@ -45,11 +45,10 @@ from benchmark.weights import (
     hf_cache_dir,
     is_offline,
     load_into,
-    load_state_dict_file,
     missing_weights_error,
+    read_state,
     strip_prefix,
     train_only,
-    unwrap_state_dict,
 )
 
 
@@ -194,13 +193,7 @@ class CLIPVisual(Backbone):
 
         Position embeddings of another grid size are resampled to this tower's grid.
         """
-        if isinstance(source, (str, Path)):
-            name = str(source)
-            state = load_state_dict_file(source)
-        else:
-            name = "state dict"
-            state = unwrap_state_dict(source)
-        state = strip_prefix(state, prefix)
+        name, state = read_state(source, prefix)
         if any(k.startswith("visual.") for k in state):
             state = strip_prefix(state, "visual.")
         if not state:

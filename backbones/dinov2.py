@@ -44,10 +44,9 @@ from benchmark.weights import (
     check_trainable_blocks,
     create_timm_pretrained,
     load_into,
-    load_state_dict_file,
+    read_state,
     strip_prefix,
     train_only,
-    unwrap_state_dict,
 )
 
 
@@ -175,13 +174,7 @@ class DINOv2(Backbone):
         `prefix` selects a sub-dict first (e.g. "backbone.model." for DINOv2-SALAD).
         Position embeddings of another grid size are resampled to this model's.
         """
-        if isinstance(source, (str, Path)):
-            name = str(source)
-            state = load_state_dict_file(source)
-        else:
-            name = "state dict"
-            state = unwrap_state_dict(source)
-        state = strip_prefix(state, prefix)
+        name, state = read_state(source, prefix)
         if not state:
             raise WeightsError(f"{name}: no weights under the key prefix '{prefix}'.")
         if all(k.startswith("model.") for k in state):

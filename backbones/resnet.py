@@ -36,10 +36,9 @@ from benchmark.weights import (
     check_trainable_blocks,
     create_timm_pretrained,
     load_into,
-    load_state_dict_file,
+    read_state,
     strip_prefix,
     train_only,
-    unwrap_state_dict,
 )
 
 NUM_STAGES = 4
@@ -141,13 +140,7 @@ class ResNet(Backbone):
         self, source: str | Path | Mapping[str, torch.Tensor], prefix: str = ""
     ) -> None:
         """Load a file or state dict with timm keys or this module's keys (`model.`)."""
-        if isinstance(source, (str, Path)):
-            name = str(source)
-            state = load_state_dict_file(source)
-        else:
-            name = "state dict"
-            state = unwrap_state_dict(source)
-        state = strip_prefix(state, prefix)
+        name, state = read_state(source, prefix)
         if not state:
             raise WeightsError(f"{name}: no weights under the key prefix '{prefix}'.")
         if all(k.startswith("model.") for k in state):

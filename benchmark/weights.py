@@ -93,6 +93,15 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def read_state(
+    source: str | Path | Mapping[str, torch.Tensor], prefix: str = ""
+) -> tuple[str, dict[str, torch.Tensor]]:
+    """(a name for messages, the state dict under `prefix`) from a file path or a mapping."""
+    if isinstance(source, (str, Path)):
+        return str(source), strip_prefix(load_state_dict_file(source), prefix)
+    return "state dict", strip_prefix(unwrap_state_dict(source), prefix)
+
+
 def strip_prefix(state_dict: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     """The entries whose key starts with `prefix`, with the prefix removed ('' keeps all)."""
     if not prefix:

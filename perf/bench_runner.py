@@ -24,6 +24,22 @@ import benchmark.engine as engine
 REPO = Path(__file__).resolve().parents[1]
 
 
+def time_calls(module, name: str) -> list[float]:
+    """Replace `module.name` by a wrapper that appends each call's seconds to the list."""
+    times: list[float] = []
+    real = getattr(module, name)
+
+    def timed(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return real(*args, **kwargs)
+        finally:
+            times.append(time.perf_counter() - start)
+
+    setattr(module, name, timed)
+    return times
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--matrix", default=str(REPO / "studies" / "quickstart.yaml"))
@@ -31,34 +47,16 @@ def main() -> None:
     parser.add_argument("--keep", default=None, help="run in this folder and keep it (store, report)")
     args = parser.parse_args()
 
-    work_times: list[float] = []
-    real_run_cell = engine.run_cell
-
-    def timed_run_cell(*a, **kw):
-        start = time.perf_counter()
-        try:
-            return real_run_cell(*a, **kw)
-        finally:
-            work_times.append(time.perf_counter() - start)
-
-    engine.run_cell = timed_run_cell
     from benchmark import report as report_module
     from benchmark import runner
     from benchmark.matrix import load_matrix
     from benchmark.runner import run_matrix
 
-    # The runner's whole handling of a Cell: child run, params, run_cell, metrics, artifacts.
-    cell_times: list[float] = []
-    real_run_one = runner.run_one
-
-    def timed_run_one(*a, **kw):
-        start = time.perf_counter()
-        try:
-            return real_run_one(*a, **kw)
-        finally:
-            cell_times.append(time.perf_counter() - start)
-
-    runner.run_one = timed_run_one
+    # run_cell: the Cell's own work; run_one: the runner's whole handling of a Cell
+    # (child run, params, run_cell, metrics, artifacts); write_report: the report.
+    work_times = time_calls(engine, "run_cell")
+    cell_times = time_calls(runner, "run_one")
+    report_time = time_calls(report_module, "write_report")
     from benchmark.train import open_dataset
 
     matrix_path = Path(args.matrix).resolve()
@@ -67,17 +65,6 @@ def main() -> None:
                 for k, v in mc.cell.datasets.items()}.values():
         open_dataset(ref, ref.train_split), open_dataset(ref, ref.test_split)
 
-    report_time: list[float] = []
-    real_write_report = report_module.write_report
-
-    def timed_report(*a, **kw):
-        start = time.perf_counter()
-        try:
-            return real_write_report(*a, **kw)
-        finally:
-            report_time.append(time.perf_counter() - start)
-
-    report_module.write_report = timed_report
     with tempfile.TemporaryDirectory() as scratch:
         tmp = args.keep or scratch
         Path(tmp).mkdir(parents=True, exist_ok=True)
