@@ -12,7 +12,11 @@ Weights: `pretrained: true` loads timm's default weights for `arch` from the Hug
 cache (see `benchmark.weights`); `weights: PATH` loads a local timm / torchvision-layout
 state dict (the classifier `fc.*` is ignored). With both set, `weights` wins and nothing
 is downloaded. Small test variants: set `layers` (blocks per stage) and `channels` (width
-per stage); the stem is then as wide as the first stage.
+per stage); the stem stays timm's 64-wide 7x7 convolution. `zero_init_last` is timm's
+initialisation of each block's last BatchNorm scale to zero (the block starts as the
+identity): it helps deep ImageNet training, but in a random-initialised network with one
+block per stage it leaves the 3x3 convolutions without gradient at first, and such a
+network learns several times slower; the small registry variants turn it off.
 
 `trainable_blocks: N` trains the last N of the 4 stages; the stem and earlier stages are
 frozen, run under `torch.no_grad()` and keep their BatchNorm statistics (eval mode) while
@@ -56,6 +60,7 @@ class ResNet(Backbone):
         layers: list[int] | None = None,
         channels: list[int] | None = None,
         output_stride: int = 32,
+        zero_init_last: bool = True,
     ) -> None:
         super().__init__()
         self.arch = arch
@@ -70,8 +75,6 @@ class ResNet(Backbone):
                     f"(one per stage)."
                 )
             overrides[key] = tuple(int(v) for v in value)
-        if channels is not None:
-            overrides["stem_width"] = int(channels[0])
         if pretrained and overrides and weights is None:
             raise ConfigError(
                 f"{what}: pretrained: true cannot be combined with layers / channels; "
@@ -84,7 +87,8 @@ class ResNet(Backbone):
             raise ConfigError(f"{what}: output_stride = {output_stride}: expected 8, 16 or 32.")
         # A smaller output stride dilates the last stages instead of striding them: a finer
         # patch map (more local features for the aggregators) from the same weights.
-        kwargs = {"num_classes": 0, "output_stride": output_stride, **overrides}
+        kwargs = {"num_classes": 0, "output_stride": output_stride, "zero_init_last": zero_init_last,
+                  **overrides}
         if pretrained and weights is None:
             model = create_timm_pretrained(arch, **kwargs)
         else:

@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 
 from backbones.clip import CLIPVisual, resample_position_embedding
 from backbones.dinov2 import DINOv2, import_hub_state_dict
+from backbones.resnet import ResNet
 from benchmark import weights as weights_module
 from benchmark.errors import ConfigError, WeightsError
 from benchmark.registry import build, get, meta, names
@@ -252,6 +253,25 @@ def test_resnet_patches_are_the_last_stage_map():
     x = images(64, 128)
     with torch.no_grad():
         torch.testing.assert_close(model(x).patches, model.model.forward_features(x))
+
+
+@pytest.mark.parametrize("zero_init_last", [True, False])
+def test_resnet_zero_init_last_sets_each_blocks_last_batchnorm_scale(zero_init_last):
+    model = ResNet("resnet18", layers=[1, 1, 1, 1], channels=[8, 16, 32, 48],
+                   zero_init_last=zero_init_last)
+    scales = [stage[0].bn2.weight for stage in model.stages]
+    for scale in scales:
+        torch.testing.assert_close(scale, torch.full_like(scale, 0.0 if zero_init_last else 1.0))
+    # the first BatchNorm of a block is never zero-initialised
+    assert torch.all(model.stages[0][0].bn1.weight == 1.0)
+
+
+def test_small_resnet_variants_start_with_open_residual_blocks():
+    # With zero-initialised last scales, a random one-block-per-stage network learns
+    # several times slower; the registry's small variants must not use it.
+    for name in ("resnet_tiny", "resnet_small"):
+        model = build("backbone", name)
+        assert all(torch.all(stage[0].bn2.weight == 1.0) for stage in model.stages), name
 
 
 # --------------------------------------------------------------------------- weight files
