@@ -89,7 +89,7 @@ def _metrics_table(title: str, metrics: dict[str, float]) -> None:
     for key, value in metrics.items():
         prefix, _, name = key.rpartition("/")
         rows.setdefault(prefix, {})[name] = value
-    columns = ["R1", "R5", "R10", "R1pct", "hit_rate"]
+    columns = ["R1", "R5", "R10", "R1pct", "hit_rate", "chance_R1"]
     table = Table(title=title, title_justify="left")
     table.add_column("evaluation")
     for c in columns + ["R1 95% CI", "queries"]:

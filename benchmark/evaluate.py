@@ -278,6 +278,9 @@ def evaluate_split(
     for k in ks:
         lo, hi = M.bootstrap_ci(ranks < k)
         values[f"R{k}_ci_low"], values[f"R{k}_ci_high"] = lo, hi
+    # R@1 of a random ranking: each query's share of true positives in the gallery.
+    positives = np.ones(len(rows)) if extra is None else 1.0 + np.array([len(e) for e in extra])
+    values["chance_R1"] = float(100.0 * np.mean(positives / max(len(keep), 1))) if len(rows) else 0.0
     values["queries_evaluated"] = float(len(rows))
     values["queries_total"] = float(len(q_ok))
     extra_out: dict[str, Any] = {"semi_hit": semi_hit} if semi_hit is not None else {}

@@ -8,7 +8,8 @@ cell runs of one experiment (newest finished run per cell id), and writes
 |------------------|--------------------------------------------------------------------------|
 | `runs.csv`       | one row per run x test dataset x protocol: every logged test metric      |
 | `results.*`      | per method x training dataset x test dataset x protocol: R1/R5/R10/R1pct/ |
-|                  | hit_rate as mean ± std over seeds, and R@1's 95% interval                |
+|                  | hit_rate as mean ± std over seeds, R@1's 95% interval, and chance_R1     |
+|                  | (the R@1 of a random ranking: positives / gallery size)                  |
 | `transfer.*`     | rows (method, training dataset), columns test dataset: R@1 (CVUSA->CVACT) |
 | `ablation.*`     | sharing (none/clusters/all) x dustbin (on/off) per backbone and aggregator |
 | `backbone_aggregator.*` | backbone x aggregator (label with share/dustbin), per train->test  |
@@ -65,7 +66,7 @@ from benchmark.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-METRICS = ("R1", "R5", "R10", "R1pct", "hit_rate")
+METRICS = ("R1", "R5", "R10", "R1pct", "hit_rate", "chance_R1")
 SHARE_ORDER = {"none": 0, "clusters": 1, "all": 2}
 # Params that never make two cells different *methods*: they are the axes the tables
 # are laid out along (seed, training dataset), are already in the label, or describe the
@@ -488,7 +489,8 @@ def _wide(data: pd.DataFrame, index: list[str], columns: str, cell: str,
 def results_table(summary: pd.DataFrame, methods: list[str]) -> Table:
     table = Table("results", "Results",
                   "Every metric per method, training dataset, test dataset and protocol: "
-                  "mean ± std over seeds; R@1 with its 95% bootstrap interval.")
+                  "mean ± std over seeds; R@1 with its 95% bootstrap interval; chance_R1 is the "
+                  "R@1 of a random ranking (positives / gallery size).")
     if summary.empty:
         table.skipped = "no run logged test metrics (test/<dataset>/R1 ...)."
         return table

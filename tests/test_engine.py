@@ -265,3 +265,21 @@ def test_loss_gathers_negatives_from_every_rank():
     assert (losses[0] + losses[1]) / 2 == pytest.approx(full, rel=1e-5)
     local = InfoNCE(label_smoothing=0.1)(g[:4], a[:4]).item()
     assert losses[0] != pytest.approx(local, rel=1e-3)  # not a local-batch loss
+
+
+def test_chance_r1_is_positives_over_gallery_size(noise_root):
+    from benchmark.evaluate import evaluate_split
+    from benchmark.train import build_model, open_dataset, preprocessing
+
+    cell = validate_cell(cell_dict(noise_root, epochs=0), "test")
+    split = open_dataset(cell.datasets["noise"], "test").evaluation()
+    model = build_model(cell)
+    g_pre, a_pre = preprocessing(cell)
+    n = len(split.gallery)
+    plain = evaluate_split(model, split, g_pre, a_pre, ks=(1,)).metrics
+    assert plain["chance_R1"] == pytest.approx(100.0 / n)
+    # Query 0 gets two more true positives, the others none: mean of 3/n and 1/n.
+    extra = [np.array([1, 2])] + [np.array([], dtype=np.int64)] * (len(split.queries) - 1)
+    more = evaluate_split(model, split, g_pre, a_pre, extra_positives=extra, ks=(1,)).metrics
+    q = len(split.queries)
+    assert more["chance_R1"] == pytest.approx(100.0 * (3 + (q - 1)) / (q * n))
