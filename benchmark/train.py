@@ -531,6 +531,7 @@ class Trainer:
             log.info("resumed from %s at epoch %d", self.checkpoint_path, start_epoch)
         global_step = start_epoch * self.steps_per_epoch
         self.module.train()
+        recent: list[float] = []  # the logged train/loss: the last 10 steps, across epochs
         for epoch in range(start_epoch, self.recipe.epochs):
             losses = []
             with progress_bar(f"epoch {epoch + 1}/{self.recipe.epochs}", self.steps_per_epoch) as advance:
@@ -557,9 +558,10 @@ class Trainer:
                     self.scheduler.step()
                     global_step += 1
                     losses.append(loss.item())
+                    recent = (recent + losses[-1:])[-10:]
                     advance(loss=losses[-1])
                     if self.rank == 0 and (global_step % 10 == 0 or step == self.steps_per_epoch - 1):
-                        self.log_metrics({"train/loss": float(np.mean(losses[-10:]))}, global_step)
+                        self.log_metrics({"train/loss": float(np.mean(recent))}, global_step)
             record = {"epoch": epoch + 1, "train_loss": float(np.mean(losses))}
             score = self.validate(epoch) if self.rank == 0 else None
             if score is not None:
