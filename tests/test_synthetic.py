@@ -393,3 +393,12 @@ def test_partial_generation_is_not_mistaken_for_a_cache(tmp_path, monkeypatch):
     (target / "world.json").write_text(json.dumps(record))
     syn.Synthetic(region="suburb", pairs=5, seed=0, **SMALL)
     assert syn.generation_count == before + 2
+    # ... and so is one rendered by other code under the same version number
+    record = json.loads((target / "world.json").read_text())
+    assert record["generator_fingerprint"] == syn.GENERATOR_FINGERPRINT
+    record["generator_fingerprint"] = "0" * 16
+    (target / "world.json").write_text(json.dumps(record))
+    syn.Synthetic(region="suburb", pairs=5, seed=0, **SMALL)
+    assert syn.generation_count == before + 3
+    syn.Synthetic(region="suburb", pairs=5, seed=0, **SMALL)
+    assert syn.generation_count == before + 3  # and then reused

@@ -65,6 +65,20 @@ from benchmark.synthetic_world import (
 __all__ = ["REGIONS", "GENERATOR_VERSION", "Synthetic", "describe_region", "generate"]
 
 GENERATOR_VERSION = 1
+
+
+def _generator_fingerprint() -> str:
+    """A hash of the code that renders the world: a cache from other code is regenerated
+    even when nobody bumped GENERATOR_VERSION."""
+    from benchmark import synthetic_world
+
+    digest = hashlib.sha256()
+    for source in (Path(synthetic_world.__file__), Path(__file__)):
+        digest.update(source.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+GENERATOR_FINGERPRINT = _generator_fingerprint()
 LAYOUTS = ("cvusa", "vigor")
 DEFAULT_AERIAL = 128
 DEFAULT_PANO = (64, 256)
@@ -153,6 +167,7 @@ def _world_record(region: str, seed: int, pairs: int, layout: str, aerial_size: 
     return {
         "generator": "gengeo-bench synthetic world",
         "generator_version": GENERATOR_VERSION,
+        "generator_fingerprint": GENERATOR_FINGERPRINT,
         "region": region,
         "seed": int(seed),
         "pairs": int(pairs),
@@ -420,11 +435,12 @@ def _read_record(root: Path) -> dict | None:
 
 def is_complete(root: Path, **expect) -> bool:
     """True when `root` holds a finished generation (world.json written last) whose
-    record matches `expect` (and the current generator version)."""
+    record matches `expect` (and the current generator version and code)."""
     record = _read_record(Path(root))
     if not record or record.get("complete") is not True:
         return False
-    if record.get("generator_version") != GENERATOR_VERSION:
+    if (record.get("generator_version") != GENERATOR_VERSION
+            or record.get("generator_fingerprint") != GENERATOR_FINGERPRINT):
         return False
     for key, value in expect.items():
         got = record.get(key)
