@@ -42,7 +42,7 @@ from benchmark.features import Backbone, Features
 from benchmark.weights import (
     check_input_size,
     check_trainable_blocks,
-    create_timm_pretrained,
+    create_timm_model,
     load_into,
     read_state,
     strip_prefix,
@@ -113,12 +113,7 @@ class DINOv2(Backbone):
             known = ", ".join(timm.list_models("*dinov2*"))
             raise ConfigError(f"{what}: unknown timm model. DINOv2 models in timm: {known}.")
         kwargs = {"dynamic_img_size": True, "num_classes": 0, **overrides}
-        if pretrained and weights is None:
-            model = create_timm_pretrained(arch, **kwargs)
-        else:
-            model = timm.create_model(arch, pretrained=False, **kwargs)
-        if not isinstance(model, VisionTransformer):
-            raise ConfigError(f"{what}: expected a timm VisionTransformer, got {type(model)}.")
+        model = create_timm_model(arch, pretrained, weights, VisionTransformer, what, **kwargs)
         self.model = model
         if weights is not None:
             self.load_weights(weights)

@@ -38,7 +38,7 @@ from benchmark.features import Backbone, Features
 from benchmark.weights import (
     check_input_size,
     check_trainable_blocks,
-    create_timm_pretrained,
+    create_timm_model,
     load_into,
     read_state,
     strip_prefix,
@@ -89,12 +89,7 @@ class ResNet(Backbone):
         # patch map (more local features for the aggregators) from the same weights.
         kwargs = {"num_classes": 0, "output_stride": output_stride, "zero_init_last": zero_init_last,
                   **overrides}
-        if pretrained and weights is None:
-            model = create_timm_pretrained(arch, **kwargs)
-        else:
-            model = timm.create_model(arch, pretrained=False, **kwargs)
-        if not isinstance(model, TimmResNet):
-            raise ConfigError(f"{what}: expected a timm ResNet, got {type(model)}.")
+        model = create_timm_model(arch, pretrained, weights, TimmResNet, what, **kwargs)
         self.model = model
         if weights is not None:
             self.load_weights(weights)

@@ -16,7 +16,8 @@ Loading:
   back to random weights.
 - `create_timm_pretrained(arch, **kwargs)` builds a timm model with its pretrained weights:
   from the cache when the file is there (no network call at all), downloaded by timm
-  otherwise, and a `WeightsError` when neither works.
+  otherwise, and a `WeightsError` when neither works. `create_timm_model(...)` is what the
+  timm backbones call: pretrained or random-initialised, checked to be the expected class.
 
 Training:
 
@@ -255,6 +256,21 @@ def create_timm_pretrained(arch: str, **kwargs: Any) -> nn.Module:
         return timm.create_model(arch, pretrained=True, cache_dir=str(hf_cache_dir()), **kwargs)
     except Exception as exc:  # hub errors, connection errors, truncated downloads
         raise missing_weights_error(what, repo_id, filenames, url, cause=exc) from exc
+
+
+def create_timm_model(arch: str, pretrained: bool, weights: str | Path | None, expected: type,
+                      what: str, **kwargs: Any) -> nn.Module:
+    """timm's `arch` with released weights when `pretrained` and no local `weights` file
+    (which the caller loads afterwards), else random-initialised; checked to be `expected`."""
+    import timm
+
+    if pretrained and weights is None:
+        model = create_timm_pretrained(arch, **kwargs)
+    else:
+        model = timm.create_model(arch, pretrained=False, **kwargs)
+    if not isinstance(model, expected):
+        raise ConfigError(f"{what}: expected a timm {expected.__name__}, got {type(model)}.")
+    return model
 
 
 # --------------------------------------------------------------------------- training
