@@ -68,8 +68,9 @@ GENERATOR_VERSION = 1
 
 
 def _generator_fingerprint() -> str:
-    """A hash of the code that renders the world: a cache from other code is regenerated
-    even when nobody bumped GENERATOR_VERSION."""
+    """A hash of the generator's two modules (the renderer and this writer): a world cached
+    by other code is regenerated even when nobody bumped GENERATOR_VERSION. Any edit to
+    either file costs one regeneration (about a minute for the quickstart's regions)."""
     from benchmark import synthetic_world
 
     digest = hashlib.sha256()
