@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from benchmark.errors import ConfigError
-from benchmark.features import Features
+from gengeo_bench.errors import ConfigError
+from gengeo_bench.features import Features
 
 
 def log_sinkhorn(

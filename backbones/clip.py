@@ -36,9 +36,9 @@ import torch.nn.functional as F
 from open_clip.transformer import QuickGELU, VisionTransformer
 from torch import nn
 
-from benchmark.errors import ConfigError, WeightsError
-from benchmark.features import Backbone, Features
-from benchmark.weights import (
+from gengeo_bench.errors import ConfigError, WeightsError
+from gengeo_bench.features import Backbone, Features
+from gengeo_bench.weights import (
     check_input_size,
     check_trainable_blocks,
     find_cached,

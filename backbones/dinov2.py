@@ -37,9 +37,9 @@ import torch
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 from torch import nn
 
-from benchmark.errors import ConfigError, WeightsError
-from benchmark.features import Backbone, Features
-from benchmark.weights import (
+from gengeo_bench.errors import ConfigError, WeightsError
+from gengeo_bench.features import Backbone, Features
+from gengeo_bench.weights import (
     check_input_size,
     check_trainable_blocks,
     create_timm_model,

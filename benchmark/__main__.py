@@ -1,5 +1,5 @@
-"""`python -m benchmark ...` is the `benchmark` command (torchrun uses this form)."""
+"""`python -m gengeo_bench ...` is the `benchmark` command (torchrun uses this form)."""
 
-from benchmark.cli import main
+from gengeo_bench.cli import main
 
 main()

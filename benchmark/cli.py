@@ -7,8 +7,8 @@ import sys
 import click
 from rich.console import Console
 
-from benchmark.data_cli import data
-from benchmark.errors import BenchmarkError
+from gengeo_bench.data_cli import data
+from gengeo_bench.errors import BenchmarkError
 
 console = Console()
 err_console = Console(stderr=True)
@@ -28,25 +28,35 @@ cli.add_command(data)
 
 
 def _describe_plugin(kind: str, name: str) -> tuple[str, str]:
-    """(output dim at the default input, parameter count), computed on the meta device."""
+    """(output dim at the default input, parameter count), computed on the meta device.
+
+    A plugin that cannot be built this way (a parameter only its user can supply, say)
+    gets "?" and the reason, and the rest of the listing goes on.
+    """
     import torch
 
-    from benchmark import registry
+    from gengeo_bench import registry
 
     entry = registry.get(kind, name)
     if kind == "dataset":
         sizes = entry.meta.get("image_size", {})
         dims = ", ".join(f"{v} {'x'.join(map(str, s))}" for v, s in sizes.items())
         return dims or "-", "-"
-    with torch.device("meta"):
-        if kind == "backbone":
-            module = registry.build(kind, name, pretrained=False)
-            h, w = entry.meta.get("image_size", {}).get("aerial", (224, 224))
-            p = module.patch_size
-            dim = f"{module.out_dim} x {h // p}x{w // p} @ {h}x{w}"
-        else:
-            module = registry.build(kind, name, in_dim=768)
-            dim = f"{module.out_dim} @ in_dim 768"
+    try:
+        accepted = registry.parameter_names(kind, name)
+        with torch.device("meta"):
+            if kind == "backbone":
+                # Never touch weight files or the network just to list a backbone.
+                offline = {"pretrained": False} if "pretrained" in accepted else {}
+                module = registry.build(kind, name, **offline)
+                h, w = entry.meta.get("image_size", {}).get("aerial", (224, 224))
+                p = module.patch_size
+                dim = f"{module.out_dim} x {h // p}x{w // p} @ {h}x{w}"
+            else:
+                module = registry.build(kind, name, in_dim=768)
+                dim = f"{module.out_dim} @ in_dim 768"
+    except Exception as exc:  # one odd plugin never hides the others
+        return f"? ({type(exc).__name__}: {str(exc)[:80]})", "?"
     count = sum(p.numel() for p in module.parameters())
     return dim, f"{count / 1e6:.2f}M" if count >= 1e5 else f"{count:,}"
 
@@ -64,7 +74,7 @@ def list_plugins(kind: str | None) -> None:
     from rich.markup import escape
     from rich.table import Table
 
-    from benchmark import registry
+    from gengeo_bench import registry
 
     for k in [kind] if kind else list(registry.KINDS):
         table = Table(title=f"{k}s", title_justify="left")
@@ -118,12 +128,12 @@ def train(cell_file: str, workdir: str | None, device: str | None, no_resume: bo
     CELL_FILE is a YAML Cell: model (backbone, aggregator with share, share_backbone),
     train (dataset, epochs, batch_size, lr, head_lr, sampler, ...), evaluate (targets,
     protocols), datasets and seed. A killed run resumes from its last epoch when the same
-    command runs again. Multi-GPU: `torchrun --nproc_per_node N -m benchmark train CELL`.
+    command runs again. Multi-GPU: `torchrun --nproc_per_node N -m gengeo_bench train CELL`.
     """
     from pathlib import Path
 
-    from benchmark.config import load_cell
-    from benchmark.engine import run_cell
+    from gengeo_bench.config import load_cell
+    from gengeo_bench.engine import run_cell
 
     cell = load_cell(cell_file)
     out = Path(workdir) if workdir else Path("runs") / f"{cell.name}-{cell.id}"
@@ -160,10 +170,10 @@ def evaluate(checkpoint: str, dataset: str, root: str | None, split: str, option
     import torch
     import yaml
 
-    from benchmark.config import DatasetRef, validate_cell
-    from benchmark.engine import evaluate_targets
-    from benchmark.errors import ConfigError
-    from benchmark.train import build_model, default_device
+    from gengeo_bench.config import DatasetRef, validate_cell
+    from gengeo_bench.engine import evaluate_targets
+    from gengeo_bench.errors import ConfigError
+    from gengeo_bench.train import build_model, default_device
 
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)
     if "cell_yaml" not in state:
@@ -219,7 +229,7 @@ def run(matrix_file: str, tracking_uri: str | None, reports_dir: str, runs_dir: 
     """
     import sys
 
-    from benchmark.runner import run_matrix
+    from gengeo_bench.runner import run_matrix
 
     if dev:
         matrix_file = _dev_matrix(matrix_file)
@@ -233,9 +243,9 @@ def _dev_matrix(matrix_file: str) -> str:
     """A copy of the matrix with tiny training budgets, under the name '<name>-dev'."""
     import tempfile
 
-    from benchmark.config import read_yaml
+    from gengeo_bench.config import read_yaml, study_file
 
-    data = read_yaml(matrix_file)
+    data = read_yaml(study_file(matrix_file))
     if isinstance(data, dict):
         data["name"] = f"{data.get('name', 'matrix')}-dev"
         train = data.setdefault("defaults", {}).setdefault("train", {})
@@ -262,8 +272,8 @@ def report(matrix_file: str | None, experiment: str | None, reports_dir: str,
     the sharing x dustbin ablation, backbone x aggregator, robustness (protocol x method),
     deltas against the baseline with McNemar p-values, heatmaps, R@K and training curves.
     """
-    from benchmark.errors import ConfigError
-    from benchmark.report import report_command_impl
+    from gengeo_bench.errors import ConfigError
+    from gengeo_bench.report import report_command_impl
 
     if not matrix_file and not experiment:
         raise ConfigError("benchmark report: give --matrix FILE or --experiment NAME.")
@@ -285,7 +295,7 @@ def ui(tracking_uri: str | None, port: int) -> None:
     import sys
     from pathlib import Path
 
-    from benchmark.tracking import tracking_uri as resolve
+    from gengeo_bench.tracking import tracking_uri as resolve
 
     uri = resolve(tracking_uri)
     command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
@@ -321,7 +331,7 @@ def tune(study_file: str, n_trials: int | None, timeout: float | None, storage: 
     each runs trials until the study holds its budget. `--n-trials 0 --report` only
     writes the report.
     """
-    from benchmark import tune as tuning
+    from gengeo_bench import tune as tuning
 
     outcome = tuning.tune(study_file, n_trials=n_trials, timeout=timeout, storage=storage,
                           tracking_uri=tracking_uri, device=device, report=report, export=export_best)

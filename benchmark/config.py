@@ -23,9 +23,9 @@ import pydantic
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
-from benchmark import registry
-from benchmark.errors import ConfigError
-from benchmark.model import check_share
+from gengeo_bench import registry
+from gengeo_bench.errors import ConfigError
+from gengeo_bench.model import check_share
 
 # Fields that do not change results: left out of the Cell id.
 NON_SEMANTIC = {("train", "num_workers"), ("evaluate", "num_workers"), ("evaluate", "batch_size")}
@@ -161,6 +161,24 @@ def interpolate_env(value: Any, source: str, path: str = "") -> Any:
     return value
 
 
+def study_file(path: str | Path) -> Path:
+    """A matrix or study file: the path itself, or a study shipped with the package by name.
+
+    `benchmark run --matrix quickstart` finds `studies/quickstart.yaml` from any folder,
+    also when the package is installed from a wheel.
+    """
+    path = Path(path)
+    if path.is_file():
+        return path
+    shipped = registry.STUDIES_DIR / f"{path.name.removesuffix('.yaml')}.yaml"
+    if path.parent == Path(".") and shipped.is_file() or (
+            path.parts[:1] == ("studies",) and len(path.parts) == 2 and shipped.is_file()):
+        return shipped
+    names = ", ".join(sorted(p.stem for p in registry.STUDIES_DIR.glob("*.yaml")))
+    raise ConfigError(f"{path}: file not found (studies shipped with the package, usable by "
+                      f"name: {names or 'none'}).")
+
+
 def read_yaml(path: str | Path) -> Any:
     """Parse a YAML file; malformed YAML or a missing file is a ConfigError naming it."""
     path = Path(path)
@@ -222,7 +240,7 @@ def validate_cell(data: Any, source: str, prefix: str = "") -> Cell:
             | ({"root": ref.root} if ref.root is not None else {}),
             where=f"{source}: {at}datasets.{key}",
         )
-    from benchmark.protocols import Protocol
+    from gengeo_bench.protocols import Protocol
 
     for i, text in enumerate(cell.evaluate.protocols):
         try:

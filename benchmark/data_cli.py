@@ -15,7 +15,7 @@ from typing import Any
 import click
 from rich.console import Console
 
-from benchmark.errors import ConfigError, DataError
+from gengeo_bench.errors import ConfigError, DataError
 
 console = Console()
 err_console = Console(stderr=True)
@@ -68,7 +68,7 @@ def parse_options(items: tuple[str, ...]) -> dict[str, Any]:
 
 def load_dataset(dataset: str, root: str, split: str | None, options: tuple[str, ...]) -> Any:
     """Build a registered dataset; unknown names and bad options are ConfigErrors."""
-    from benchmark import registry
+    from gengeo_bench import registry
 
     params: dict[str, Any] = {"root": str(root), **parse_options(options)}
     hints = _list_params(registry.get("dataset", dataset).load())
@@ -139,7 +139,7 @@ def check_command(
     """
     from rich.table import Table
 
-    from benchmark.datasets.checks import check_dataset, is_usable, summary_lines
+    from gengeo_bench.datasets.checks import check_dataset, is_usable, summary_lines
 
     ds = load_dataset(dataset, root, split, options)
     if callable(getattr(ds, "check", None)):
@@ -334,7 +334,7 @@ def synth_command(out: str, region: str, pairs: int, seed: int, layout: str) -> 
       benchmark data check -d cvusa -r data/synth-a --split test
     """
     try:
-        from benchmark.datasets.synthetic import generate
+        from gengeo_bench.datasets.synthetic import generate
     except ImportError as exc:
         raise ConfigError(
             f"the synthetic world generator (benchmark.datasets.synthetic.generate) is not "

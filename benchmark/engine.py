@@ -18,12 +18,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from benchmark.cache import stable_hash
-from benchmark.config import Cell
-from benchmark.evaluate import EvalResult, FeatureBank, embed_images, evaluate_split
-from benchmark.model import CrossViewModel
-from benchmark.protocols import Protocol
-from benchmark.train import (
+from gengeo_bench.cache import stable_hash
+from gengeo_bench.config import Cell
+from gengeo_bench.evaluate import EvalResult, FeatureBank, embed_images, evaluate_split
+from gengeo_bench.model import CrossViewModel
+from gengeo_bench.protocols import Protocol
+from gengeo_bench.train import (
     MetricLogger,
     Trainer,
     TrainOutcome,

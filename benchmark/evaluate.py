@@ -25,14 +25,14 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from benchmark import metrics as M
-from benchmark.cache import TensorCache, stable_hash, state_dict_hash
-from benchmark.datasets.base import EvalSplit
-from benchmark.imagedata import ImageDataset, collate, coverage_report
-from benchmark.model import CrossViewModel
-from benchmark.progress import progress_bar
-from benchmark.protocols import Protocol
-from benchmark.transforms import Preprocess
+from gengeo_bench import metrics as M
+from gengeo_bench.cache import TensorCache, stable_hash, state_dict_hash
+from gengeo_bench.datasets.base import EvalSplit
+from gengeo_bench.imagedata import ImageDataset, collate, coverage_report
+from gengeo_bench.model import CrossViewModel
+from gengeo_bench.progress import progress_bar
+from gengeo_bench.protocols import Protocol
+from gengeo_bench.transforms import Preprocess
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +155,7 @@ def backbone_key(model: CrossViewModel, view: str) -> str:
 def heads_on_features(head: torch.nn.Module, feats: dict[str, torch.Tensor], device: torch.device,
                       batch_size: int = 256) -> torch.Tensor:
     """Aggregator descriptors from cached backbone features."""
-    from benchmark.features import Features
+    from gengeo_bench.features import Features
 
     out = []
     for start in range(0, len(feats["patches"]), batch_size):

@@ -31,10 +31,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from benchmark.datasets.base import Pair
-from benchmark.errors import ConfigError, DataError
-from benchmark.protocols import Protocol
-from benchmark.transforms import PairedAugment, Preprocess, rng_for
+from gengeo_bench.datasets.base import Pair
+from gengeo_bench.errors import ConfigError, DataError
+from gengeo_bench.protocols import Protocol
+from gengeo_bench.transforms import PairedAugment, Preprocess, rng_for
 
 log = logging.getLogger(__name__)
 

@@ -38,10 +38,17 @@ from typing import Any
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field
 
-from benchmark import registry
-from benchmark.config import Cell, interpolate_env, pydantic_error, read_yaml, validate_cell
-from benchmark.errors import ConfigError
-from benchmark.model import check_share
+from gengeo_bench import registry
+from gengeo_bench.config import (
+    Cell,
+    interpolate_env,
+    pydantic_error,
+    read_yaml,
+    study_file,
+    validate_cell,
+)
+from gengeo_bench.errors import ConfigError
+from gengeo_bench.model import check_share
 
 SHORTHANDS = {
     "backbone": "model.backbone",
@@ -162,7 +169,7 @@ def _check_plugin_values(source: str, axis: str, path: str, values: list[Any]) -
 
 def load_matrix(path: str | Path) -> Matrix:
     """Parse, validate and expand a matrix file; every Cell is checked before returning."""
-    path = Path(path)
+    path = study_file(path)
     source = str(path)
     raw = read_yaml(path)
     if not isinstance(raw, dict):

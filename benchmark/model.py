@@ -20,8 +20,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from benchmark import registry
-from benchmark.errors import ConfigError, WeightsError
+from gengeo_bench import registry
+from gengeo_bench.errors import ConfigError, WeightsError
 
 Share = Literal["none", "clusters", "all"]
 SHARE_MODES = ("none", "clusters", "all")

@@ -49,7 +49,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from benchmark.errors import ConfigError
+from gengeo_bench.errors import ConfigError
 
 KINDS = ("none", "fov", "misalign")
 _STREAM = {"fov": 1, "misalign": 2}  # keeps the two kinds' draws independent

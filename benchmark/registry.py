@@ -1,6 +1,7 @@
 """The plugin registry: names in YAML files -> Python objects.
 
-`registry.yaml` at the repository root is the one list of plugins. Each entry has a kind
+`registry.yaml` at the repository root is the one list of plugins (a wheel carries a
+copy inside the package, see `setup.py`). Each entry has a kind
 (`backbone`, `aggregator` or `dataset`), a `target` ("module:attr"), default `params`
 and `meta` (paper, weight licence, preprocessing contract). Installed third-party
 packages add entries through the entry-point group `gengeo_bench.plugins`: each entry
@@ -29,11 +30,21 @@ from typing import Any
 import pydantic
 import yaml
 
-from benchmark.errors import ConfigError
+from gengeo_bench.errors import ConfigError
 
 KINDS = ("backbone", "aggregator", "dataset")
 ENTRY_POINT_GROUP = "gengeo_bench.plugins"
-REGISTRY_FILE = Path(__file__).resolve().parent.parent / "registry.yaml"
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def _packaged_or_checkout(name: str) -> Path:
+    """`name` inside the installed package (a wheel), else at the repository root (a checkout)."""
+    inside = PACKAGE_DIR / name
+    return inside if inside.exists() else PACKAGE_DIR.parent / name
+
+
+REGISTRY_FILE = _packaged_or_checkout("registry.yaml")
+STUDIES_DIR = _packaged_or_checkout("studies")
 
 # Parameters the harness supplies itself; a YAML file may not set them.
 INJECTED = {"aggregator": ("in_dim",), "backbone": (), "dataset": ()}
@@ -170,6 +181,11 @@ def _signature_params(target: Any) -> dict[str, inspect.Parameter]:
     params = dict(inspect.signature(func).parameters)
     params.pop("self", None)
     return {n: p for n, p in params.items() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+
+
+def parameter_names(kind: str, name: str) -> set[str]:
+    """The keyword parameters plugin `name` accepts (its signature, harness-injected ones included)."""
+    return set(_signature_params(get(kind, name).load()))
 
 
 def _type_hints(target: Any) -> dict[str, Any]:

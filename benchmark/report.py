@@ -60,9 +60,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from benchmark import metrics as M
-from benchmark import tracking
-from benchmark.errors import ConfigError
+from gengeo_bench import metrics as M
+from gengeo_bench import tracking
+from gengeo_bench.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ DASH = "—"
 
 
 def _registry_default(aggregator: str, key: str) -> Any:
-    from benchmark import registry
+    from gengeo_bench import registry
 
     try:
         return registry.get("aggregator", aggregator).params.get(key)
@@ -1088,7 +1088,7 @@ def baseline_params(raw: Any, source: str = "baseline") -> dict[str, str]:
     shorthands); flat keys (`aggregator.share: none`) and other keys are kept; a `model.`
     prefix is dropped (model fields are lifted in the logged params).
     """
-    from benchmark.matrix import SHORTHANDS  # the matrix file's axis names (train_on, ...)
+    from gengeo_bench.matrix import SHORTHANDS  # the matrix file's axis names (train_on, ...)
 
     if raw is None:
         return {}
@@ -1118,7 +1118,7 @@ def report_command_impl(matrix: str | None, experiment: str | None, reports_dir:
                         tracking_uri: str | None) -> Path:
     """`benchmark report [MATRIX] [--experiment NAME]`: the experiment name and baseline
     come from the matrix file (`name:`, `baseline:`); `--experiment` names it directly."""
-    from benchmark.config import read_yaml
+    from gengeo_bench.config import read_yaml
 
     baseline: dict[str, str] = {}
     if matrix:

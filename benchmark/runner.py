@@ -26,9 +26,9 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from benchmark import tracking
-from benchmark.errors import BenchmarkError
-from benchmark.matrix import Matrix, MatrixCell, differing_values, load_matrix
+from gengeo_bench import tracking
+from gengeo_bench.errors import BenchmarkError
+from gengeo_bench.matrix import Matrix, MatrixCell, differing_values, load_matrix
 
 log = logging.getLogger(__name__)
 console = Console()
@@ -81,7 +81,7 @@ def dry_run(matrix: Matrix, cells: list[MatrixCell], tracking_uri: str) -> None:
     for column in columns:
         table.add_column(column, overflow="fold")
     table.add_column("status")
-    from benchmark.matrix import _label
+    from gengeo_bench.matrix import _label
 
     for i, mc in enumerate(cells, 1):
         run = done.get(mc.id)
@@ -104,7 +104,7 @@ def _log_artifacts(client, run_id: str, workdir: Path) -> None:
 def run_one(client, exp_id: str, parent_id: str, matrix: Matrix, mc: MatrixCell, previous,
             runs_dir: Path, device: str | None) -> Outcome:
     """Train and evaluate one Cell inside its MLflow child run."""
-    from benchmark.engine import run_cell
+    from gengeo_bench.engine import run_cell
 
     cell = mc.cell
     tags = {tracking.ROLE: "cell", tracking.MATRIX: matrix.name, tracking.CELL_ID: cell.id,
@@ -189,7 +189,7 @@ def run_matrix(
         tags={tracking.ROLE: "matrix", tracking.MATRIX: matrix.name,
               "gengeo.matrix_file": str(matrix.path), "gengeo.cells": str(len(cells))},
     ).info.run_id
-    client.log_text(parent, Path(matrix_file).read_text(), "matrix.yaml")
+    client.log_text(parent, matrix.path.read_text(), "matrix.yaml")
     client.log_dict(parent, tracking.environment(), "environment.json")
     outcomes: list[Outcome] = []
     status = "FINISHED"
@@ -219,7 +219,7 @@ def run_matrix(
         "cells_failed": n_failed,
     })
     if report and any(o.status in ("done", "skipped") for o in outcomes):
-        from benchmark.report import write_report
+        from gengeo_bench.report import write_report
 
         folder = write_report(uri, matrix.name, Path(reports_dir), baseline=baseline_params(matrix),
                               parent_run_id=parent)
@@ -232,7 +232,7 @@ def baseline_params(matrix: Matrix) -> dict[str, str] | None:
     """The matrix's `baseline:` as flat param filters (`aggregator.share: none`)."""
     if not matrix.baseline:
         return None
-    from benchmark.matrix import PLUGIN_AXES, SHORTHANDS
+    from gengeo_bench.matrix import PLUGIN_AXES, SHORTHANDS
 
     flat: dict[str, str] = {}
     for axis, value in matrix.baseline.items():

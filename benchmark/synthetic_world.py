@@ -51,7 +51,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from benchmark.errors import ConfigError
+from gengeo_bench.errors import ConfigError
 
 SKY, MANMADE, GROUND, VEGETATION = 0, 1, 2, 3
 LABELS = {SKY: "sky", MANMADE: "man-made", GROUND: "ground", VEGETATION: "vegetation"}

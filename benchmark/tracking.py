@@ -29,7 +29,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from benchmark.errors import ConfigError
+from gengeo_bench.errors import ConfigError
 
 ROLE, MATRIX, STUDY, CELL_ID, SEED, TRIAL = (
     "gengeo.role", "gengeo.matrix", "gengeo.study", "gengeo.cell_id", "gengeo.seed", "gengeo.trial")

@@ -41,18 +41,18 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from benchmark import registry
-from benchmark.cache import TensorCache, atomic_write
-from benchmark.config import Cell, DatasetRef
-from benchmark.datasets.base import CrossViewDataset, EvalSplit, Pair
-from benchmark.errors import DataError, TrainingError
-from benchmark.evaluate import FeatureBank, autocast, backbone_key, evaluate_split
-from benchmark.features import Features
-from benchmark.imagedata import PairDataset, collate
-from benchmark.model import CrossViewModel
-from benchmark.progress import progress_bar
-from benchmark.protocols import Protocol
-from benchmark.transforms import Preprocess
+from gengeo_bench import registry
+from gengeo_bench.cache import TensorCache, atomic_write
+from gengeo_bench.config import Cell, DatasetRef
+from gengeo_bench.datasets.base import CrossViewDataset, EvalSplit, Pair
+from gengeo_bench.errors import DataError, TrainingError
+from gengeo_bench.evaluate import FeatureBank, autocast, backbone_key, evaluate_split
+from gengeo_bench.features import Features
+from gengeo_bench.imagedata import PairDataset, collate
+from gengeo_bench.model import CrossViewModel
+from gengeo_bench.progress import progress_bar
+from gengeo_bench.protocols import Protocol
+from gengeo_bench.transforms import Preprocess
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ def open_dataset(ref: DatasetRef, split: str) -> CrossViewDataset:
 
 def check_dataset(dataset: CrossViewDataset) -> None:
     """The cheap part of `benchmark data check` (files exist), before the first step."""
-    from benchmark.datasets import checks
+    from gengeo_bench.datasets import checks
 
     report = checks.check_dataset(dataset, decode=False, size_check=False)
     skipped = getattr(dataset, "skipped_missing", [])
@@ -505,7 +505,7 @@ class Trainer:
 
     def mine_similar(self) -> None:
         """Descriptor-space neighbours of every training pair: the next epoch's hard negatives."""
-        from benchmark.metrics import topk_search
+        from gengeo_bench.metrics import topk_search
 
         split = one_to_one(self.train_pairs)
         result = evaluate_split(self.model, split, self.ground_pre, self.aerial_pre,

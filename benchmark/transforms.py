@@ -66,7 +66,7 @@ import torch
 import torchvision.transforms.v2.functional as TF
 from PIL import Image
 
-from benchmark.errors import ConfigError, DataError
+from gengeo_bench.errors import ConfigError, DataError
 
 VIEWS = ("ground", "aerial")
 INTERPOLATIONS = {
@@ -292,7 +292,7 @@ class Preprocess:
     @classmethod
     def from_registry(cls, backbone: str, view: str, **overrides: Any) -> Preprocess:
         """`from_meta` with the meta of registered backbone `backbone`."""
-        from benchmark import registry
+        from gengeo_bench import registry
 
         return cls.from_meta(registry.meta("backbone", backbone), view, **overrides)
 

@@ -81,8 +81,8 @@ import pydantic
 from optuna.trial import TrialState
 from pydantic import BaseModel, ConfigDict, Field
 
-from benchmark import registry, tracking
-from benchmark.config import (
+from gengeo_bench import registry, tracking
+from gengeo_bench.config import (
     Cell,
     DatasetRef,
     EvaluateConfig,
@@ -90,11 +90,12 @@ from benchmark.config import (
     interpolate_env,
     pydantic_error,
     read_yaml,
+    study_file,
     validate_cell,
 )
-from benchmark.engine import metric_prefix, run_cell
-from benchmark.errors import BenchmarkError, ConfigError
-from benchmark.protocols import Protocol
+from gengeo_bench.engine import metric_prefix, run_cell
+from gengeo_bench.errors import BenchmarkError, ConfigError
+from gengeo_bench.protocols import Protocol
 
 log = logging.getLogger(__name__)
 
@@ -218,6 +219,7 @@ class Study:
 
 def load_study(path: str | Path, storage: str | None = None) -> Study:
     """Read and validate a study file; every problem is a ConfigError naming file and field."""
+    path = study_file(path)
     source = str(path)
     data = interpolate_env(read_yaml(path), source)
     if not isinstance(data, dict):
@@ -262,7 +264,7 @@ def resolve_base(raw: dict[str, Any], source: str) -> dict[str, Any]:
     select = raw.get("select") or {}
     if not isinstance(select, dict):
         raise ConfigError(f"{source}: base.select: expected a mapping of axis name to value.")
-    from benchmark.matrix import load_matrix
+    from gengeo_bench.matrix import load_matrix
 
     matrix = load_matrix(raw["matrix"])
     entries = [(c.values, c.cell) if hasattr(c, "values") else tuple(c) for c in matrix.cells]

@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from benchmark.errors import ConfigError, WeightsError
+from gengeo_bench.errors import ConfigError, WeightsError
 
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 SAFETENSORS_SUFFIXES = (".safetensors",)

@@ -28,7 +28,6 @@ import argparse
 import os
 import resource
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -37,11 +36,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from benchmark.datasets.base import Pair  # noqa: E402
-from benchmark.imagedata import PairDataset, collate  # noqa: E402
-from benchmark.transforms import INTERPOLATIONS, Preprocess  # noqa: E402
+from gengeo_bench.datasets.base import Pair
+from gengeo_bench.imagedata import PairDataset, collate
+from gengeo_bench.transforms import INTERPOLATIONS, Preprocess
 
 SIZES = {  # (width, height) on disk
     "cvact": {"ground": (1664, 832), "aerial": (1200, 1200)},

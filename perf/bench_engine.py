@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from benchmark.config import validate_cell
+from gengeo_bench.config import validate_cell
 
 
 def write_dataset(root: Path, n: int) -> Path:
@@ -68,9 +68,9 @@ def cell(root: Path, aggregator: dict, trainable_blocks: int | None, epochs: int
 
 
 def bench_eval(root: Path) -> None:
-    from benchmark.evaluate import embed_images
-    from benchmark.protocols import Protocol
-    from benchmark.train import build_model, open_dataset, preprocessing
+    from gengeo_bench.evaluate import embed_images
+    from gengeo_bench.protocols import Protocol
+    from gengeo_bench.train import build_model, open_dataset, preprocessing
 
     c = validate_cell(cell(root, {"name": "gem"}, 0), "bench")
     model = build_model(c).eval()
@@ -101,8 +101,8 @@ def bench_eval(root: Path) -> None:
 def bench_train(root: Path, steps: int) -> None:
     from torch.utils.data import DataLoader
 
-    from benchmark.imagedata import PairDataset, collate
-    from benchmark.train import InfoNCE, Trainer, build_model, open_dataset, preprocessing
+    from gengeo_bench.imagedata import PairDataset, collate
+    from gengeo_bench.train import InfoNCE, Trainer, build_model, open_dataset, preprocessing
 
     c = validate_cell(cell(root, {"name": "gem"}, 2, steps=steps), "bench")
     ds = open_dataset(c.datasets["d"], "train")
@@ -135,7 +135,7 @@ def bench_train(root: Path, steps: int) -> None:
 
 
 def bench_cache(root: Path) -> None:
-    from benchmark.engine import run_cell
+    from gengeo_bench.engine import run_cell
 
     heads = [{"name": "gem"}, {"name": "netvlad", "num_clusters": 8},
              {"name": "salad", "num_clusters": 8, "cluster_dim": 32, "token_dim": 32},

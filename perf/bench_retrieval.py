@@ -59,7 +59,7 @@ def make_arrays(n_query: int, n_gallery: int, dim: int, seed: int = 0):
 def job(kind: str, args, out) -> None:
     import faiss
 
-    from benchmark.metrics import k_for_one_percent, retrieval_metrics
+    from gengeo_bench.metrics import k_for_one_percent, retrieval_metrics
 
     query, gallery, gt = make_arrays(args.queries, args.gallery, args.dim)
     with PeakRSS() as mem:

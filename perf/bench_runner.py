@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import benchmark.engine as engine
+import gengeo_bench.engine as engine
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -47,17 +47,17 @@ def main() -> None:
     parser.add_argument("--keep", default=None, help="run in this folder and keep it (store, report)")
     args = parser.parse_args()
 
-    from benchmark import report as report_module
-    from benchmark import runner
-    from benchmark.matrix import load_matrix
-    from benchmark.runner import run_matrix
+    from gengeo_bench import report as report_module
+    from gengeo_bench import runner
+    from gengeo_bench.matrix import load_matrix
+    from gengeo_bench.runner import run_matrix
 
     # run_cell: the Cell's own work; run_one: the runner's whole handling of a Cell
     # (child run, params, run_cell, metrics, artifacts); write_report: the report.
     work_times = time_calls(engine, "run_cell")
     cell_times = time_calls(runner, "run_one")
     report_time = time_calls(report_module, "write_report")
-    from benchmark.train import open_dataset
+    from gengeo_bench.train import open_dataset
 
     matrix_path = Path(args.matrix).resolve()
     # Generate the datasets first (the synthetic world is cached across runs).

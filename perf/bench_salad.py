@@ -36,10 +36,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from aggregators.salad import SALAD  # noqa: E402
-from benchmark.features import Features  # noqa: E402
+from gengeo_bench.aggregators.salad import SALAD
+from gengeo_bench.features import Features
 
 IMPLEMENTATIONS = ("ours", "straightforward")
 

@@ -11,21 +11,18 @@ are both printed: on a shared machine the CPU figure is the steadier one.
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from benchmark.datasets.synthetic import (  # noqa: E402
+from gengeo_bench.datasets.synthetic import (
     BATCH,
     _pair_seed,
     _save_jpeg,
     _save_png,
     camera_positions,
 )
-from benchmark.synthetic_world import REGIONS, World, render_batch  # noqa: E402
+from gengeo_bench.synthetic_world import REGIONS, World, render_batch
 
 
 def bench(region: str, pairs: int, aerial: int, pano: tuple[int, int], out: Path) -> dict:

@@ -33,7 +33,6 @@ from pathlib import Path
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 
 def timed(owner, name: str, bucket: dict[str, float]) -> None:
@@ -54,7 +53,7 @@ def worker(study_file: str, out: str, device: str) -> None:
     import optuna
     from mlflow.tracking import MlflowClient
 
-    from benchmark import tune as tuning
+    from gengeo_bench import tune as tuning
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     mlflow_time, sampler_time, setup = {"total": 0.0}, {"total": 0.0}, {"total": 0.0}
@@ -100,7 +99,7 @@ def run(workers: int, trials: int, device: str, base: Path) -> list[dict]:
     study["n_trials"] = trials
     study_file = folder / "study.yaml"
     study_file.write_text(yaml.safe_dump(study, sort_keys=False))
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = dict(os.environ)
     env.pop("MLFLOW_TRACKING_URI", None)
     procs = [subprocess.Popen([sys.executable, __file__, "--worker", str(study_file),
                                str(folder / f"worker{i}.json"), "--device", device],

@@ -9,12 +9,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from aggregators.gem import GeM
-from aggregators.netvlad import NetVLAD
-from aggregators.salad import SALAD
-from benchmark import registry
-from benchmark.errors import ConfigError
-from benchmark.features import Features
+from gengeo_bench import registry
+from gengeo_bench.aggregators.gem import GeM
+from gengeo_bench.aggregators.netvlad import NetVLAD
+from gengeo_bench.aggregators.salad import SALAD
+from gengeo_bench.errors import ConfigError
+from gengeo_bench.features import Features
 
 # Small sizes everywhere: the suite shares two CPU cores.
 SMALL = {
@@ -364,7 +364,7 @@ def test_gradients_reach_all_parameters(name, extra):
 
 
 def test_gem_learned_whitening_is_a_linear_map_of_the_normalised_pooling():
-    from benchmark.registry import build
+    from gengeo_bench.registry import build
 
     torch.manual_seed(0)
     plain = build("aggregator", "gem", in_dim=6)

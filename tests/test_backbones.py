@@ -15,12 +15,12 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from backbones.clip import CLIPVisual, resample_position_embedding
-from backbones.dinov2 import DINOv2, import_hub_state_dict
-from backbones.resnet import ResNet
-from benchmark import weights as weights_module
-from benchmark.errors import ConfigError, WeightsError
-from benchmark.registry import build, get, meta, names
+from gengeo_bench import weights as weights_module
+from gengeo_bench.backbones.clip import CLIPVisual, resample_position_embedding
+from gengeo_bench.backbones.dinov2 import DINOv2, import_hub_state_dict
+from gengeo_bench.backbones.resnet import ResNet
+from gengeo_bench.errors import ConfigError, WeightsError
+from gengeo_bench.registry import build, get, meta, names
 
 BACKBONES = names("backbone")
 TINY = [

@@ -28,12 +28,12 @@ from dataset_fixtures import (
     write_image,
 )
 
-from benchmark import registry
-from benchmark.datasets import checks
-from benchmark.datasets.cvact import CVACT
-from benchmark.datasets.cvusa import CVUSA, read_split_csv
-from benchmark.datasets.vigor import VIGOR, read_label_file, read_satellite_list
-from benchmark.errors import ConfigError, DataError
+from gengeo_bench import registry
+from gengeo_bench.datasets import checks
+from gengeo_bench.datasets.cvact import CVACT
+from gengeo_bench.datasets.cvusa import CVUSA, read_split_csv
+from gengeo_bench.datasets.vigor import VIGOR, read_label_file, read_satellite_list
+from gengeo_bench.errors import ConfigError, DataError
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "real-samples"
 needs_real = pytest.mark.skipif(
@@ -44,7 +44,7 @@ SMALL = {"ground": (SMALL_GROUND[1], SMALL_GROUND[0]), "aerial": (SMALL_AERIAL[1
 
 def run_cli(args: list[str], monkeypatch, capsys) -> tuple[int, str, str]:
     """Run the `benchmark` console entry point (errors -> exit 2) and capture its output."""
-    from benchmark import cli, data_cli
+    from gengeo_bench import cli, data_cli
 
     for console in (cli.console, cli.err_console, data_cli.console, data_cli.err_console):
         monkeypatch.setattr(console, "_width", 4000)  # no wrapping inside paths
@@ -275,7 +275,7 @@ def test_cvact_one_missing_training_pair_is_skipped(tmp_path, caplog):
     root = make_cvact(tmp_path / "cvact", n=24, train=list(range(1, 21)), val=[21], test=[22])
     gone = root / "ANU_data_small" / "streetview" / f"{cvact_pano_id(9)}_grdView.jpg"
     gone.unlink()
-    with caplog.at_level(logging.WARNING, logger="benchmark.datasets.cvact"):
+    with caplog.at_level(logging.WARNING, logger="gengeo_bench.datasets.cvact"):
         ds = CVACT(str(root), split="train")
     assert len(ds) == 19 and cvact_pano_id(9) not in [p.id for p in ds.pairs]
     assert f"{cvact_pano_id(9)}_grdView.jpg" in caplog.text
@@ -561,9 +561,9 @@ def test_cli_synth_calls_generate_lazily(tmp_path, monkeypatch, capsys):
         calls.append((out, region, pairs, seed, layout))
         return out
 
-    fake = types.ModuleType("benchmark.datasets.synthetic")
+    fake = types.ModuleType("gengeo_bench.datasets.synthetic")
     fake.generate = generate
-    monkeypatch.setitem(sys.modules, "benchmark.datasets.synthetic", fake)
+    monkeypatch.setitem(sys.modules, "gengeo_bench.datasets.synthetic", fake)
     code, out, _ = run_cli(
         [
             "data",

@@ -14,11 +14,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from benchmark.config import validate_cell
-from benchmark.datasets.base import Pair
-from benchmark.engine import run_cell
-from benchmark.errors import DataError, TrainingError
-from benchmark.train import BatchPlan, InfoNCE, gps_neighbours, split_train_val
+from gengeo_bench.config import validate_cell
+from gengeo_bench.datasets.base import Pair
+from gengeo_bench.engine import run_cell
+from gengeo_bench.errors import DataError, TrainingError
+from gengeo_bench.train import BatchPlan, InfoNCE, gps_neighbours, split_train_val
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -154,9 +154,9 @@ def test_nan_loss_stops_with_clear_message_and_keeps_last_checkpoint(noise_root,
 
 
 def test_descriptor_cache_hits_and_invalidation(noise_root, tmp_path):
-    from benchmark.cache import TensorCache
-    from benchmark.evaluate import evaluate_split
-    from benchmark.train import build_model, open_dataset, preprocessing
+    from gengeo_bench.cache import TensorCache
+    from gengeo_bench.evaluate import evaluate_split
+    from gengeo_bench.train import build_model, open_dataset, preprocessing
 
     cell = validate_cell(cell_dict(noise_root, epochs=0), "test")
     ds = open_dataset(cell.datasets["noise"], "test")
@@ -176,7 +176,7 @@ def test_descriptor_cache_hits_and_invalidation(noise_root, tmp_path):
     assert (cache.hits, cache.misses) == (3, 3)
     run(manifest="another")  # a different image list
     assert cache.misses == 5
-    from benchmark.transforms import Preprocess
+    from gengeo_bench.transforms import Preprocess
 
     run(g_pre=Preprocess.from_meta({"patch_size": 14, "image_size": {"ground": [28, 112]}}, "ground"))
     assert cache.misses == 6
@@ -190,7 +190,7 @@ def test_descriptor_cache_hits_and_invalidation(noise_root, tmp_path):
 
 
 def test_frozen_backbone_features_are_shared_across_aggregators(noise_root, tmp_path):
-    from benchmark.evaluate import FeatureBank
+    from gengeo_bench.evaluate import FeatureBank
 
     for aggregator in ({"name": "gem"}, {"name": "netvlad", "num_clusters": 4}):
         data = cell_dict(noise_root, epochs=1, augment=False)
@@ -224,7 +224,7 @@ def test_two_process_ddp_run_on_cpu(noise_root, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "GENGEO_CACHE": str(tmp_path / "cache")}
     torchrun = Path(sys.executable).parent / "torchrun"
     proc = subprocess.run(
-        [str(torchrun), "--nproc_per_node", "2", "--master_port", "29517", "-m", "benchmark",
+        [str(torchrun), "--nproc_per_node", "2", "--master_port", "29517", "-m", "gengeo_bench",
          "train", str(cell_file), "--workdir", str(tmp_path / "ddp"), "--device", "cpu"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
     )
@@ -268,8 +268,8 @@ def test_loss_gathers_negatives_from_every_rank():
 
 
 def test_chance_r1_is_positives_over_gallery_size(noise_root):
-    from benchmark.evaluate import evaluate_split
-    from benchmark.train import build_model, open_dataset, preprocessing
+    from gengeo_bench.evaluate import evaluate_split
+    from gengeo_bench.train import build_model, open_dataset, preprocessing
 
     cell = validate_cell(cell_dict(noise_root, epochs=0), "test")
     split = open_dataset(cell.datasets["noise"], "test").evaluation()

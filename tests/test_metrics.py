@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from benchmark import metrics
+from gengeo_bench import metrics
 
 
 def _direct_ranks(query, gallery, gt):

@@ -7,9 +7,9 @@ import itertools
 import pytest
 import torch
 
-from benchmark import registry
-from benchmark.errors import ConfigError
-from benchmark.model import CrossViewModel, import_dinov2_salad
+from gengeo_bench import registry
+from gengeo_bench.errors import ConfigError
+from gengeo_bench.model import CrossViewModel, import_dinov2_salad
 
 TINY = [n for n in registry.names("backbone")
         if registry.meta("backbone", n)["weights_licence"].startswith("random init")]
@@ -118,7 +118,7 @@ def test_import_published_dinov2_salad_checkpoint(tmp_path, monkeypatch):
     is fast: the key mapping is the same."""
     import timm
 
-    from backbones import dinov2
+    from gengeo_bench.backbones import dinov2
 
     real_create = timm.create_model
 
@@ -149,7 +149,7 @@ def test_import_published_dinov2_salad_checkpoint(tmp_path, monkeypatch):
 
 
 def test_import_rejects_a_foreign_checkpoint(tmp_path):
-    from benchmark.errors import WeightsError
+    from gengeo_bench.errors import WeightsError
 
     path = tmp_path / "other.pt"
     torch.save({"encoder.weight": torch.zeros(1)}, path)

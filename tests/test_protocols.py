@@ -9,10 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
-from benchmark.errors import ConfigError
-from benchmark.imagedata import ImageDataset, collate, coverage_report
-from benchmark.protocols import Protocol, parse_protocols, shift_rotate
-from benchmark.transforms import Preprocess
+from gengeo_bench.errors import ConfigError
+from gengeo_bench.imagedata import ImageDataset, collate, coverage_report
+from gengeo_bench.protocols import Protocol, parse_protocols, shift_rotate
+from gengeo_bench.transforms import Preprocess
 
 # --------------------------------------------------------------------------- parsing
 

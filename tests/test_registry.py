@@ -7,8 +7,8 @@ import textwrap
 
 import pytest
 
-from benchmark import registry
-from benchmark.errors import ConfigError
+from gengeo_bench import registry
+from gengeo_bench.errors import ConfigError
 
 
 def test_every_kind_has_the_study_families():
@@ -73,7 +73,7 @@ def test_injected_in_dim_may_not_be_written_in_yaml():
 
 
 def test_duplicate_name_names_both_sources():
-    extra = registry.Entry(name="gem", kind="aggregator", target="aggregators.gem:GeM",
+    extra = registry.Entry(name="gem", kind="aggregator", target="gengeo_bench.aggregators.gem:GeM",
                            source="my_plugins.yaml")
     with pytest.raises(ConfigError) as info:
         registry.collect(extra=[extra])
@@ -82,7 +82,7 @@ def test_duplicate_name_names_both_sources():
 
 
 def test_bad_target_names_the_source():
-    entry = registry.Entry(name="x", kind="aggregator", target="aggregators.nope:X",
+    entry = registry.Entry(name="x", kind="aggregator", target="gengeo_bench.aggregators.nope:X",
                            source="plugins.yaml")
     with pytest.raises(ConfigError, match="plugins.yaml: aggregator 'x': target"):
         entry.load()
@@ -91,7 +91,7 @@ def test_bad_target_names_the_source():
 def test_entry_point_plugins_are_discovered(tmp_path, monkeypatch):
     """A third-party package adds an aggregator through the entry-point group."""
     (tmp_path / "my_gem_plugin.py").write_text(textwrap.dedent("""
-        from aggregators.gem import GeM
+        from gengeo_bench.aggregators.gem import GeM
 
         class MaxGeM(GeM):
             '''GeM with a large default p (test plugin).'''
@@ -120,7 +120,7 @@ def test_entry_point_plugins_are_discovered(tmp_path, monkeypatch):
 
 def test_malformed_registry_file(tmp_path, monkeypatch):
     bad = tmp_path / "registry.yaml"
-    bad.write_text("aggregator:\n  gem: {target: aggregators.gem:GeM\n")
+    bad.write_text("aggregator:\n  gem: {target: gengeo_bench.aggregators.gem:GeM\n")
     monkeypatch.setattr(registry, "REGISTRY_FILE", bad)
     with pytest.raises(ConfigError, match="malformed YAML"):
         registry.collect()

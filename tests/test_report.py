@@ -12,8 +12,8 @@ import pytest
 import yaml
 from mlflow.entities import Metric, Param
 
-from benchmark import metrics, report, tracking
-from benchmark.errors import ConfigError
+from gengeo_bench import metrics, report, tracking
+from gengeo_bench.errors import ConfigError
 
 EXPERIMENT = "ablation_test"
 Q = 40  # queries per test set

@@ -13,11 +13,11 @@ import pytest
 import yaml
 from test_engine import make_noise_cvusa
 
-from benchmark import tracking
-from benchmark.cli import main as cli_main
-from benchmark.errors import ConfigError
-from benchmark.matrix import load_matrix
-from benchmark.runner import run_matrix
+from gengeo_bench import tracking
+from gengeo_bench.cli import main as cli_main
+from gengeo_bench.errors import ConfigError
+from gengeo_bench.matrix import load_matrix
+from gengeo_bench.runner import run_matrix
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -201,7 +201,7 @@ def test_sigkill_mid_matrix_then_rerun_finishes_each_cell_once(setup, tmp_path):
     data["defaults"]["train"]["epochs"] = 3
     path = write(tmp_path, data)
     env = {**os.environ, "GENGEO_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "benchmark", "run", "--matrix", str(path),
+    proc = subprocess.Popen([sys.executable, "-m", "gengeo_bench", "run", "--matrix", str(path),
                              "--no-report"], cwd=tmp_path, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     # Kill once the second Cell has written a checkpoint (the first one is finished).

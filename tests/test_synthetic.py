@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from benchmark.datasets import synthetic as syn
-from benchmark.datasets.base import Pair
-from benchmark.errors import ConfigError
-from benchmark.synthetic_world import (
+from gengeo_bench.datasets import synthetic as syn
+from gengeo_bench.datasets.base import Pair
+from gengeo_bench.errors import ConfigError
+from gengeo_bench.synthetic_world import (
     GROUND,
     MANMADE,
     REGIONS,

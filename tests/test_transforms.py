@@ -10,10 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
-from benchmark.datasets.base import Pair
-from benchmark.errors import ConfigError, DataError
-from benchmark.imagedata import PairDataset, collate
-from benchmark.transforms import (
+from gengeo_bench.datasets.base import Pair
+from gengeo_bench.errors import ConfigError, DataError
+from gengeo_bench.imagedata import PairDataset, collate
+from gengeo_bench.transforms import (
     AugmentParams,
     PairedAugment,
     Preprocess,

@@ -22,12 +22,12 @@ import yaml
 from optuna.trial import TrialState
 from test_engine import cell_dict, make_noise_cvusa
 
-from benchmark import tracking
-from benchmark import tune as tuning
-from benchmark.config import load_cell
-from benchmark.engine import CellResult
-from benchmark.errors import ConfigError
-from benchmark.train import TrainOutcome
+from gengeo_bench import tracking
+from gengeo_bench import tune as tuning
+from gengeo_bench.config import load_cell
+from gengeo_bench.engine import CellResult
+from gengeo_bench.errors import ConfigError
+from gengeo_bench.train import TrainOutcome
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -134,7 +134,7 @@ def test_study_runs_trials_as_mlflow_children_resumes_reports_and_exports(work):
 def test_two_worker_processes_share_one_study_without_running_a_trial_twice(work):
     path = write_study(work, n_trials=3)
     env = {**os.environ, "PYTHONPATH": str(REPO), "GENGEO_CACHE": str(work / "cache")}
-    command = [sys.executable, "-m", "benchmark", "tune", "--study", str(path), "--device", "cpu"]
+    command = [sys.executable, "-m", "gengeo_bench", "tune", "--study", str(path), "--device", "cpu"]
     workers = [subprocess.Popen(command, cwd=work, env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True) for _ in range(2)]
     outputs = [w.communicate(timeout=300)[0] for w in workers]
@@ -370,7 +370,7 @@ def test_shipped_studies_validate(monkeypatch):
 
 def test_cli_unset_environment_variable_is_exit_2_without_traceback(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("CVUSA_ROOT", "CVACT_ROOT")}
-    proc = subprocess.run([sys.executable, "-m", "benchmark", "tune", "--study",
+    proc = subprocess.run([sys.executable, "-m", "gengeo_bench", "tune", "--study",
                            str(REPO / "studies" / "salad_hpo.yaml")], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2

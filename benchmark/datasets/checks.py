@@ -26,8 +26,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
-from benchmark.datasets.base import CheckReport, CrossViewDataset
-from benchmark.errors import DataError
+from gengeo_bench.datasets.base import CheckReport, CrossViewDataset
+from gengeo_bench.errors import DataError
 
 # A split may lose at most this many files (and at most this share of its files, but
 # always at least one) before loading refuses with a DataError.
@@ -137,7 +137,7 @@ def drop_missing(
 def expected_sizes(dataset: str) -> dict[str, tuple[int, int]]:
     """The registry's `meta.image_size` of a dataset as {view: (height, width)}; {} if none."""
     try:
-        from benchmark import registry
+        from gengeo_bench import registry
 
         sizes = registry.meta("dataset", dataset).get("image_size") or {}
     except Exception:  # no registry entry (a subclass under another name): no size check

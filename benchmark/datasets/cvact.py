@@ -37,9 +37,9 @@ from typing import Any
 
 import numpy as np
 
-from benchmark.datasets.base import EvalSplit, Pair
-from benchmark.datasets.checks import DiskDataset, drop_missing
-from benchmark.errors import ConfigError, DataError
+from gengeo_bench.datasets.base import EvalSplit, Pair
+from gengeo_bench.datasets.checks import DiskDataset, drop_missing
+from gengeo_bench.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
 

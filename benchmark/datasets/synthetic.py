@@ -50,9 +50,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from benchmark.datasets.base import CheckReport, CrossViewDataset, EvalSplit, Pair
-from benchmark.errors import ConfigError, DataError
-from benchmark.synthetic_world import (
+from gengeo_bench.datasets.base import CheckReport, CrossViewDataset, EvalSplit, Pair
+from gengeo_bench.errors import ConfigError, DataError
+from gengeo_bench.synthetic_world import (
     LABELS,
     REGIONS,
     World,
@@ -71,7 +71,7 @@ def _generator_fingerprint() -> str:
     """A hash of the generator's two modules (the renderer and this writer): a world cached
     by other code is regenerated even when nobody bumped GENERATOR_VERSION. Any edit to
     either file costs one regeneration (about a minute for the quickstart's regions)."""
-    from benchmark import synthetic_world
+    from gengeo_bench import synthetic_world
 
     digest = hashlib.sha256()
     for source in (Path(synthetic_world.__file__), Path(__file__)):
