@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from pydantic import PositiveFloat, PositiveInt
 from torch import nn
 
-from gengeo_bench.errors import ConfigError
 from gengeo_bench.features import Features
 
 
@@ -26,17 +26,10 @@ class GeM(nn.Module):
     # No cluster-assignment space: `share: clusters` has nothing to tie.
     cluster_params: tuple[str, ...] = ()
 
-    def __init__(self, in_dim: int, p: float = 3.0, eps: float = 1e-6,
-                 whiten: int | None = None) -> None:
+    # Value ranges live in the signature: the registry checks them when a config is read.
+    def __init__(self, in_dim: PositiveInt, p: PositiveFloat = 3.0, eps: PositiveFloat = 1e-6,
+                 whiten: PositiveInt | None = None) -> None:
         super().__init__()
-        if in_dim <= 0:
-            raise ConfigError(f"aggregator 'gem': in_dim must be positive, got {in_dim}")
-        if p <= 0:
-            raise ConfigError(f"aggregator 'gem': p must be positive, got {p}")
-        if eps <= 0:
-            raise ConfigError(f"aggregator 'gem': eps must be positive, got {eps}")
-        if whiten is not None and whiten <= 0:
-            raise ConfigError(f"aggregator 'gem': whiten must be positive, got {whiten}")
         self.in_dim = in_dim
         self.out_dim = whiten or in_dim
         self.eps = eps

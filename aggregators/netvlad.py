@@ -21,9 +21,9 @@ import faiss
 import numpy as np
 import torch
 import torch.nn.functional as F
+from pydantic import PositiveFloat, PositiveInt
 from torch import nn
 
-from gengeo_bench.errors import ConfigError
 from gengeo_bench.features import Features
 
 
@@ -35,22 +35,14 @@ class NetVLAD(nn.Module):
 
     def __init__(
         self,
-        in_dim: int,
-        num_clusters: int = 64,
-        alpha: float = 100.0,
+        in_dim: PositiveInt,
+        num_clusters: PositiveInt = 64,
+        alpha: PositiveFloat = 100.0,
         normalize_input: bool = True,
-        proj_dim: int | None = None,
+        proj_dim: PositiveInt | None = None,
     ) -> None:
+        # Value ranges live in the signature: the registry checks them when a config is read.
         super().__init__()
-        for name, value in (("in_dim", in_dim), ("num_clusters", num_clusters)):
-            if value <= 0:
-                raise ConfigError(f"aggregator 'netvlad': {name} must be positive, got {value}")
-        if proj_dim is not None and proj_dim <= 0:
-            raise ConfigError(
-                f"aggregator 'netvlad': proj_dim must be positive or null, got {proj_dim}"
-            )
-        if alpha <= 0:
-            raise ConfigError(f"aggregator 'netvlad': alpha must be positive, got {alpha}")
         self.in_dim = in_dim
         self.num_clusters = num_clusters
         self.alpha = float(alpha)

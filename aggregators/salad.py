@@ -20,12 +20,13 @@ receiving n/m.
 from __future__ import annotations
 
 import math
+from typing import Annotated
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field, PositiveInt
 from torch import nn
 
-from gengeo_bench.errors import ConfigError
 from gengeo_bench.features import Features
 
 
@@ -55,26 +56,16 @@ class SALAD(nn.Module):
 
     def __init__(
         self,
-        in_dim: int,
-        num_clusters: int = 64,
-        cluster_dim: int = 128,
-        token_dim: int = 256,
-        dropout: float = 0.3,
-        sinkhorn_iters: int = 3,
+        in_dim: PositiveInt,
+        num_clusters: PositiveInt = 64,
+        cluster_dim: PositiveInt = 128,
+        token_dim: PositiveInt = 256,
+        dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.3,
+        sinkhorn_iters: PositiveInt = 3,
         dustbin: bool = True,
     ) -> None:
+        # Value ranges live in the signature: the registry checks them when a config is read.
         super().__init__()
-        for name, value in (
-            ("in_dim", in_dim),
-            ("num_clusters", num_clusters),
-            ("cluster_dim", cluster_dim),
-            ("token_dim", token_dim),
-            ("sinkhorn_iters", sinkhorn_iters),
-        ):
-            if value <= 0:
-                raise ConfigError(f"aggregator 'salad': {name} must be positive, got {value}")
-        if not 0.0 <= dropout < 1.0:
-            raise ConfigError(f"aggregator 'salad': dropout must be in [0, 1), got {dropout}")
         self.in_dim = in_dim
         self.num_clusters = num_clusters
         self.cluster_dim = cluster_dim

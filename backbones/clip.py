@@ -34,6 +34,7 @@ import open_clip
 import torch
 import torch.nn.functional as F
 from open_clip.transformer import QuickGELU, VisionTransformer
+from pydantic import PositiveInt
 from torch import nn
 
 from gengeo_bench.errors import ConfigError, WeightsError
@@ -75,11 +76,11 @@ class CLIPVisual(Backbone):
         pretrained_tag: str = "openai",
         weights: str | None = None,
         trainable_blocks: int | None = None,
-        width: int | None = None,
-        layers: int | None = None,
-        heads: int | None = None,
-        patch: int | None = None,
-        image: int | None = None,
+        width: PositiveInt | None = None,
+        layers: PositiveInt | None = None,
+        heads: PositiveInt | None = None,
+        patch: PositiveInt | None = None,
+        image: PositiveInt | None = None,
     ) -> None:
         super().__init__()
         self.arch = arch

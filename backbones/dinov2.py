@@ -34,6 +34,7 @@ from pathlib import Path
 
 import timm
 import torch
+from pydantic import NonNegativeInt, PositiveInt
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 from torch import nn
 
@@ -87,10 +88,10 @@ class DINOv2(Backbone):
         pretrained: bool = False,
         weights: str | None = None,
         trainable_blocks: int | None = None,
-        embed_dim: int | None = None,
-        depth: int | None = None,
-        num_heads: int | None = None,
-        num_reg_tokens: int | None = None,
+        embed_dim: PositiveInt | None = None,
+        depth: PositiveInt | None = None,
+        num_heads: PositiveInt | None = None,
+        num_reg_tokens: NonNegativeInt | None = None,
     ) -> None:
         super().__init__()
         self.arch = arch

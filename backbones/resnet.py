@@ -27,9 +27,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Literal
 
 import timm
 import torch
+from pydantic import PositiveInt
 from timm.models.resnet import ResNet as TimmResNet
 from torch import nn
 
@@ -57,9 +59,9 @@ class ResNet(Backbone):
         pretrained: bool = False,
         weights: str | None = None,
         trainable_blocks: int | None = None,
-        layers: list[int] | None = None,
-        channels: list[int] | None = None,
-        output_stride: int = 32,
+        layers: list[PositiveInt] | None = None,
+        channels: list[PositiveInt] | None = None,
+        output_stride: Literal[8, 16, 32] = 32,
         zero_init_last: bool = True,
     ) -> None:
         super().__init__()

@@ -20,6 +20,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import inspect
+import types
 import typing
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -189,20 +190,32 @@ def parameter_names(kind: str, name: str) -> set[str]:
 
 
 def _type_hints(target: Any) -> dict[str, Any]:
+    """Parameter type hints, `Annotated[...]` value ranges included."""
     func = target.__init__ if inspect.isclass(target) else target
     try:
-        return typing.get_type_hints(func)
+        return typing.get_type_hints(func, include_extras=True)
     except Exception:  # unresolvable forward references: fall back to no type checks
         return {}
+
+
+def signature_defaults(kind: str, name: str) -> dict[str, Any]:
+    """Defaults written in the target's signature (injected parameters left out)."""
+    target = get(kind, name).load()
+    injected = INJECTED.get(kind, ())
+    return {k: p.default for k, p in _signature_params(target).items()
+            if p.default is not p.empty and k not in injected}
 
 
 def validate_params(
     kind: str, name: str, params: dict[str, Any], where: str = "", allow_injected: bool = False
 ) -> dict[str, Any]:
-    """Defaults merged with `params`, each checked against the target's signature.
+    """Every keyword plugin `name` is built with: its resolved parameters, each checked.
 
-    Returns the full keyword set (defaults included, values coerced to their declared
-    types). `where` prefixes messages (e.g. "studies/x.yaml: axes.aggregator[2]").
+    The result is the signature's defaults, overridden by the entry's `params` in
+    registry.yaml, overridden by `params` (the config file's values), each value checked
+    against its type hint (ranges included: `Annotated[int, Field(gt=0)]`) and coerced
+    to it. This is what a Cell stores, so its id sees every value that shapes a run.
+    `where` prefixes messages (e.g. "studies/x.yaml: axes.aggregator[2]").
     """
     prefix = f"{where}: " if where else ""
     try:
@@ -212,15 +225,16 @@ def validate_params(
     target = entry.load()
     signature = _signature_params(target)
     hints = _type_hints(target)
-    merged = {**entry.params, **params}
     injected = INJECTED.get(kind, ())
-    out: dict[str, Any] = {}
-    for key, value in merged.items():
-        if key in injected and not allow_injected and key in params:
+    for key in params:
+        if key in injected and not allow_injected:
             raise ConfigError(
                 f"{prefix}{kind} '{name}': parameter '{key}' is set by the harness "
                 f"(from the backbone); remove it from the config."
             )
+    merged = {**signature_defaults(kind, name), **entry.params, **params}
+    out: dict[str, Any] = {}
+    for key, value in merged.items():
         if key not in signature:
             close = difflib.get_close_matches(key, list(signature), n=1)
             hint = f" Did you mean '{close[0]}'?" if close else ""
@@ -250,6 +264,20 @@ def validate_params(
 
 
 def _type_name(hint: Any) -> str:
+    """`int`, `float | None`, `int >= 1`: a type hint as a reader writes it."""
+    if typing.get_origin(hint) is typing.Annotated:
+        base, *extras = typing.get_args(hint)
+        bounds = []
+        for extra in extras:
+            for item in getattr(extra, "metadata", [extra]):
+                for attr, sign in (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<=")):
+                    if getattr(item, attr, None) is not None:
+                        bounds.append(f"{sign} {getattr(item, attr)}")
+        return f"{_type_name(base)} {' and '.join(bounds)}".strip()
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(hint))
+    if hint is type(None):
+        return "None"
     return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
 
 

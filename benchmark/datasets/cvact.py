@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -140,7 +140,7 @@ class CVACT(DiskDataset):
         root: str,
         split: str = "train",
         middle_crop: bool = False,
-        protocol: str = "one_to_one",
+        protocol: Literal["one_to_one", "within_5m"] = "one_to_one",
     ):
         super().__init__(root, split)
         if split not in SPLITS:

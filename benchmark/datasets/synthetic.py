@@ -46,9 +46,11 @@ from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from functools import lru_cache
 from pathlib import Path
+from typing import Annotated, Literal
 
 import numpy as np
 from PIL import Image
+from pydantic import Field
 
 from gengeo_bench.datasets.base import CheckReport, CrossViewDataset, EvalSplit, Pair
 from gengeo_bench.errors import ConfigError, DataError
@@ -565,10 +567,10 @@ class Synthetic(CrossViewDataset):
         root: str | Path | None = None,
         split: str = "train",
         region: str = "grid_city",
-        pairs: int = 2000,
+        pairs: Annotated[int, Field(ge=2)] = 2000,
         seed: int = 0,
-        layout: str = "cvusa",
-        aerial_size: int = DEFAULT_AERIAL,
+        layout: Literal["cvusa", "vigor"] = "cvusa",
+        aerial_size: Annotated[int, Field(ge=8)] = DEFAULT_AERIAL,
         pano_size: tuple[int, int] = DEFAULT_PANO,
     ):
         if split not in ("train", "test"):

@@ -32,7 +32,7 @@ import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -187,7 +187,7 @@ class VIGOR(DiskDataset):
         self,
         root: str,
         split: str = "train",
-        mode: str = "same_area",
+        mode: Literal["same_area", "cross_area"] = "same_area",
         corrected: bool = False,
         cities: list[str] | None = None,
     ):
