@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import re
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
@@ -24,7 +25,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
 from gengeo_bench import registry
-from gengeo_bench.errors import ConfigError
+from gengeo_bench.errors import BenchmarkError, ConfigError
 from gengeo_bench.model import check_share
 
 # Fields that do not change results: left out of the Cell id.
@@ -214,7 +215,14 @@ def pydantic_error(exc: pydantic.ValidationError, source: str, prefix: str = "")
 
 
 def validate_cell(data: Any, source: str, prefix: str = "") -> Cell:
-    """A Cell from a plain dict, with every plugin name and parameter checked."""
+    """A Cell from a plain dict, every plugin name and parameter checked and resolved.
+
+    The Cell that comes back holds its resolved values: each plugin's parameters are its
+    signature's defaults, overridden by its registry.yaml entry, overridden by the file's
+    values. So `{name: salad}` and `{name: salad, dropout: 0.3}` (the default) are one
+    Cell with one id, and changing a default in registry.yaml changes the ids of the
+    Cells it reaches. Problems are ConfigErrors naming `source` and the field.
+    """
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: {prefix or 'top level'}: expected a mapping")
     try:
@@ -222,24 +230,28 @@ def validate_cell(data: Any, source: str, prefix: str = "") -> Cell:
     except pydantic.ValidationError as exc:
         raise pydantic_error(exc, source, prefix) from None
     at = f"{prefix}: " if prefix else ""
-    registry.validate_params("backbone", cell.model.backbone.name, cell.model.backbone.params,
-                             where=f"{source}: {at}model.backbone")
-    registry.validate_params("aggregator", cell.model.aggregator.name,
-                             cell.model.aggregator.params, where=f"{source}: {at}model.aggregator")
-    check_share(cell.model.aggregator.name, cell.model.aggregator.share,
-                where=f"{source}: {at}model.aggregator.share")
+    m = cell.model
+    backbone = registry.validate_params("backbone", m.backbone.name, m.backbone.params,
+                                        where=f"{source}: {at}model.backbone")
+    aggregator = registry.validate_params("aggregator", m.aggregator.name, m.aggregator.params,
+                                          where=f"{source}: {at}model.aggregator")
+    check_share(m.aggregator.name, m.aggregator.share, where=f"{source}: {at}model.aggregator.share")
     for key in [cell.train.dataset, *cell.evaluate.targets]:
         if key not in cell.datasets:
             raise ConfigError(
                 f"{source}: {at}train.dataset / evaluate.targets: dataset '{key}' is not defined "
                 f"under datasets (defined: {', '.join(cell.datasets) or 'none'})."
             )
+    datasets = {}
     for key, ref in cell.datasets.items():
-        registry.validate_params(
-            "dataset", ref.name, {"split": ref.train_split, **ref.params}
-            | ({"root": ref.root} if ref.root is not None else {}),
-            where=f"{source}: {at}datasets.{key}",
-        )
+        given = {"split": ref.train_split, **ref.params}
+        if ref.root is not None:
+            given["root"] = ref.root
+        options = registry.validate_params("dataset", ref.name, given,
+                                           where=f"{source}: {at}datasets.{key}")
+        options = {k: v for k, v in options.items() if k not in ("split", "root")}
+        datasets[key] = DatasetRef(name=ref.name, root=ref.root, train_split=ref.train_split,
+                                   test_split=ref.test_split, **options)
     from gengeo_bench.protocols import Protocol
 
     for i, text in enumerate(cell.evaluate.protocols):
@@ -247,7 +259,42 @@ def validate_cell(data: Any, source: str, prefix: str = "") -> Cell:
             Protocol.parse(text)
         except ConfigError as exc:
             raise ConfigError(f"{source}: {at}evaluate.protocols[{i}]: {exc}") from None
-    return cell
+    model = ModelConfig(
+        backbone=PluginRef(name=m.backbone.name, **backbone),
+        aggregator=AggregatorRef(name=m.aggregator.name, share=m.aggregator.share, **aggregator),
+        share_backbone=m.share_backbone,
+    )
+    problem = model_problem(model.model_dump_json())
+    if problem:
+        raise ConfigError(f"{source}: {at}model: {problem}")
+    return cell.model_copy(update={"model": model, "datasets": datasets})
+
+
+@lru_cache(maxsize=512)
+def model_problem(model_json: str) -> str | None:
+    """Why the model section cannot be built, or None: every constructor check, before work.
+
+    The model is built on PyTorch's meta device (no memory, no weights: `pretrained` and
+    `weights` are switched off), so checks that need the architecture (e.g.
+    `trainable_blocks` against the block count) run when the file is read, not after the
+    data is ready. Cached: a matrix builds each distinct model section once.
+    """
+    import torch
+
+    from gengeo_bench.model import CrossViewModel
+
+    spec = ModelConfig.model_validate_json(model_json)
+    offline = {k: v for k, v in (("pretrained", False), ("weights", None))
+               if k in spec.backbone.params}
+    try:
+        with torch.device("meta"):
+            CrossViewModel(spec.backbone.name, spec.aggregator.name,
+                           backbone_params={**spec.backbone.params, **offline},
+                           aggregator_params=spec.aggregator.params,
+                           share_backbone=spec.share_backbone, share=spec.aggregator.share)
+    except BenchmarkError as exc:
+        return str(exc)
+    return None
 
 
 def load_cell(path: str | Path) -> Cell:

@@ -212,7 +212,7 @@ def load_matrix(path: str | Path) -> Matrix:
     combos += [dict(rule) for rule in spec.include]
 
     cells: list[MatrixCell] = []
-    seen: set[str] = set()
+    seen: dict[str, str] = {}  # Cell id -> the label that produced it
     for combo in combos:
         for seed in spec.seeds:
             data = copy.deepcopy(spec.defaults)
@@ -234,8 +234,13 @@ def load_matrix(path: str | Path) -> Matrix:
             data["name"] = label
             cell = validate_cell(data, source, prefix=f"cell {label}")
             if cell.id in seen:
-                continue  # an include that repeats a product combination
-            seen.add(cell.id)
+                raise ConfigError(
+                    f"{source}: '{seen[cell.id]}' and '{label}' resolve to the same Cell "
+                    f"({cell.id}): once registry defaults are filled in, their values are equal "
+                    f"(one spells out a default, or an include repeats a combination of the "
+                    f"axes). Remove one of them."
+                )
+            seen[cell.id] = label
             cells.append(MatrixCell({**combo, "seed": seed}, cell))
     if not cells:
         raise ConfigError(f"{source}: the matrix has no Cells left after exclude")

@@ -206,6 +206,11 @@ def signature_defaults(kind: str, name: str) -> dict[str, Any]:
             if p.default is not p.empty and k not in injected}
 
 
+def defaults(kind: str, name: str) -> dict[str, Any]:
+    """The values plugin `name` is built with when a config sets nothing (injected ones left out)."""
+    return {**signature_defaults(kind, name), **get(kind, name).params}
+
+
 def validate_params(
     kind: str, name: str, params: dict[str, Any], where: str = "", allow_injected: bool = False
 ) -> dict[str, Any]:
@@ -232,7 +237,7 @@ def validate_params(
                 f"{prefix}{kind} '{name}': parameter '{key}' is set by the harness "
                 f"(from the backbone); remove it from the config."
             )
-    merged = {**signature_defaults(kind, name), **entry.params, **params}
+    merged = {**defaults(kind, name), **params}
     out: dict[str, Any] = {}
     for key, value in merged.items():
         if key not in signature:

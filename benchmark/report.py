@@ -85,13 +85,14 @@ def _registry_default(aggregator: str, key: str) -> Any:
     from gengeo_bench import registry
 
     try:
-        return registry.get("aggregator", aggregator).params.get(key)
+        return registry.defaults("aggregator", aggregator).get(key)
     except ConfigError:  # a plugin that is not installed here
         return None
 
 
 def _dustbin(aggregator: str, value: Any) -> bool | None:
-    """The logged value, else the aggregator's registry default, else None (no dustbin)."""
+    """The logged value, else the aggregator's default (runs logged before Cells held their
+    resolved values), else None (no dustbin)."""
     if isinstance(value, str) and value.strip():
         return value.strip().lower() in ("true", "1", "yes", "on")
     default = _registry_default(aggregator, "dustbin")

@@ -328,7 +328,9 @@ def test_conditional_space_switches_plugins(work):
     gem, values = tuning.suggest_cell(study, optuna.trial.FixedTrial(
         {"model.aggregator.name": "gem", "model.aggregator.num_clusters": 4,
          "model.aggregator.share": "all"}))
-    assert gem.model.aggregator.name == "gem" and gem.model.aggregator.params == {}
+    # salad's parameters are dropped; gem's own defaults are filled in
+    assert gem.model.aggregator.name == "gem"
+    assert gem.model.aggregator.params == {"p": 3.0, "eps": 1e-6, "whiten": None}
     assert "model.aggregator.num_clusters" not in values
     salad, values = tuning.suggest_cell(study, optuna.trial.FixedTrial(
         {"model.aggregator.name": "salad", "model.aggregator.num_clusters": 4,
