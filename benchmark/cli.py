@@ -170,10 +170,10 @@ def evaluate(checkpoint: str, dataset: str, root: str | None, split: str, option
     import torch
     import yaml
 
+    from gengeo_bench.builders import build_model, default_device
     from gengeo_bench.config import DatasetRef, validate_cell
     from gengeo_bench.engine import evaluate_targets
     from gengeo_bench.errors import ConfigError
-    from gengeo_bench.train import build_model, default_device
 
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)
     if "cell_yaml" not in state:

@@ -18,15 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from gengeo_bench.cache import stable_hash
-from gengeo_bench.config import Cell
-from gengeo_bench.evaluate import EvalResult, FeatureBank, embed_images, evaluate_split
-from gengeo_bench.model import CrossViewModel
-from gengeo_bench.protocols import Protocol
-from gengeo_bench.train import (
-    MetricLogger,
-    Trainer,
-    TrainOutcome,
+from gengeo_bench.builders import (
     build_model,
     check_dataset,
     default_device,
@@ -34,8 +26,13 @@ from gengeo_bench.train import (
     load_weights,
     open_dataset,
     preprocessing,
-    split_train_val,
 )
+from gengeo_bench.cache import stable_hash
+from gengeo_bench.config import Cell
+from gengeo_bench.evaluate import EvalResult, FeatureBank, embed_images, evaluate_split
+from gengeo_bench.model import CrossViewModel
+from gengeo_bench.protocols import Protocol
+from gengeo_bench.train import MetricLogger, Trainer, TrainOutcome, split_train_val
 
 log = logging.getLogger(__name__)
 

@@ -68,9 +68,9 @@ def cell(root: Path, aggregator: dict, trainable_blocks: int | None, epochs: int
 
 
 def bench_eval(root: Path) -> None:
+    from gengeo_bench.builders import build_model, open_dataset, preprocessing
     from gengeo_bench.evaluate import embed_images
     from gengeo_bench.protocols import Protocol
-    from gengeo_bench.train import build_model, open_dataset, preprocessing
 
     c = validate_cell(cell(root, {"name": "gem"}, 0), "bench")
     model = build_model(c).eval()
@@ -101,8 +101,9 @@ def bench_eval(root: Path) -> None:
 def bench_train(root: Path, steps: int) -> None:
     from torch.utils.data import DataLoader
 
+    from gengeo_bench.builders import build_model, open_dataset, preprocessing
     from gengeo_bench.imagedata import PairDataset, collate
-    from gengeo_bench.train import InfoNCE, Trainer, build_model, open_dataset, preprocessing
+    from gengeo_bench.train import InfoNCE, Trainer
 
     c = validate_cell(cell(root, {"name": "gem"}, 2, steps=steps), "bench")
     ds = open_dataset(c.datasets["d"], "train")

@@ -57,7 +57,7 @@ def main() -> None:
     work_times = time_calls(engine, "run_cell")
     cell_times = time_calls(runner, "run_one")
     report_time = time_calls(report_module, "write_report")
-    from gengeo_bench.train import open_dataset
+    from gengeo_bench.builders import open_dataset
 
     matrix_path = Path(args.matrix).resolve()
     # Generate the datasets first (the synthetic world is cached across runs).

@@ -154,9 +154,9 @@ def test_nan_loss_stops_with_clear_message_and_keeps_last_checkpoint(noise_root,
 
 
 def test_descriptor_cache_hits_and_invalidation(noise_root, tmp_path):
+    from gengeo_bench.builders import build_model, open_dataset, preprocessing
     from gengeo_bench.cache import TensorCache
     from gengeo_bench.evaluate import evaluate_split
-    from gengeo_bench.train import build_model, open_dataset, preprocessing
 
     cell = validate_cell(cell_dict(noise_root, epochs=0), "test")
     ds = open_dataset(cell.datasets["noise"], "test")
@@ -268,8 +268,8 @@ def test_loss_gathers_negatives_from_every_rank():
 
 
 def test_chance_r1_is_positives_over_gallery_size(noise_root):
+    from gengeo_bench.builders import build_model, open_dataset, preprocessing
     from gengeo_bench.evaluate import evaluate_split
-    from gengeo_bench.train import build_model, open_dataset, preprocessing
 
     cell = validate_cell(cell_dict(noise_root, epochs=0), "test")
     split = open_dataset(cell.datasets["noise"], "test").evaluation()

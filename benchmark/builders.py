@@ -1,0 +1,86 @@
+"""From a Cell to the objects a run needs: datasets, preprocessing, the model, caches.
+
+`engine.run_cell`, `benchmark evaluate` and the benchmarks under perf/ build what they
+need here, so a Cell means the same thing on every path; `train.py` holds training only.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gengeo_bench import registry
+from gengeo_bench.cache import TensorCache
+from gengeo_bench.config import Cell, DatasetRef
+from gengeo_bench.datasets.base import CrossViewDataset
+from gengeo_bench.errors import DataError
+from gengeo_bench.model import CrossViewModel
+from gengeo_bench.transforms import Preprocess
+
+
+def open_dataset(ref: DatasetRef, split: str) -> CrossViewDataset:
+    """The registry's loader for one split of a dataset reference."""
+    params = {**ref.params, "split": split}
+    if ref.root is not None:
+        params["root"] = ref.root
+    return registry.build("dataset", ref.name, **params)
+
+
+def check_dataset(dataset: CrossViewDataset) -> None:
+    """The cheap part of `benchmark data check` (files exist), before the first step."""
+    from gengeo_bench.datasets import checks
+
+    report = checks.check_dataset(dataset, decode=False, size_check=False)
+    skipped = getattr(dataset, "skipped_missing", [])
+    if not checks.is_usable(report, skipped):
+        raise DataError(f"{dataset!r} is not usable: " + " ".join(checks.summary_lines(report, skipped))
+                        + f" Run `benchmark data check --dataset {dataset.name} --root {dataset.root}`"
+                        " for the full report.")
+
+
+def build_model(cell: Cell) -> CrossViewModel:
+    """The Cell's model, initialised from its seed."""
+    torch.manual_seed(cell.seed)
+    m = cell.model
+    return CrossViewModel(
+        m.backbone.name, m.aggregator.name,
+        backbone_params=m.backbone.params,
+        aggregator_params=m.aggregator.params,
+        share_backbone=m.share_backbone,
+        share=m.aggregator.share,
+    )
+
+
+def preprocessing(cell: Cell, dataset: CrossViewDataset | None = None) -> tuple[Preprocess, Preprocess]:
+    """Ground and aerial preprocessing from the backbone's registry contract + the Cell."""
+    meta = registry.meta("backbone", cell.model.backbone.name)
+    sizes = cell.train.image_size
+    crop = getattr(dataset, "ground_crop_rows", None) if dataset is not None else None
+    ground = Preprocess.from_meta(meta, "ground", size=sizes.ground if sizes else None,
+                                  crop_rows=crop)
+    aerial = Preprocess.from_meta(meta, "aerial", size=sizes.aerial if sizes else None)
+    return ground, aerial
+
+
+def default_device() -> torch.device:
+    """The local GPU (this rank's under torchrun) when there is one, else the CPU."""
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        return torch.device("cuda", local)
+    return torch.device("cpu")
+
+
+def load_weights(model: CrossViewModel, path: Path) -> dict[str, Any]:
+    """Load a `best.pt` / `checkpoint.pt` (weights_only) into `model`; returns the record."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    model.load_state_dict(state["model"])
+    return state
+
+
+def descriptor_cache() -> TensorCache:
+    """The cache of evaluation descriptors (see cache.py for its keys)."""
+    return TensorCache("descriptors")
