@@ -5,13 +5,13 @@ from __future__ import annotations
 import sys
 
 import click
-from rich.console import Console
 
+from gengeo_bench import progress
 from gengeo_bench.data_cli import data
 from gengeo_bench.errors import BenchmarkError
 
-console = Console()
-err_console = Console(stderr=True)
+console = progress.console()
+err_console = progress.console(stderr=True)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -203,29 +203,64 @@ def evaluate(checkpoint: str, dataset: str, root: str | None, split: str, option
         console.print(f"{prefix.replace('_eval', dataset)}: {text}")
 
 
+EXECUTOR_HELP = ("local: this process runs the Cells (several processes may share a matrix); "
+                 "ray: one Ray task per Cell.")
+RAY_ADDRESS_HELP = ("With --executor ray: 'auto' or HOST:PORT joins a running cluster "
+                    "(`ray start --head`); default: a local Ray instance for this command.")
+
+
 @cli.command()
 @click.option("--matrix", "matrix_file", required=True, type=click.Path(dir_okay=False),
-              help="Matrix YAML, e.g. studies/quickstart.yaml.")
+              help="Matrix YAML (e.g. studies/quickstart.yaml), or the name of a shipped study.")
 @click.option("--tracking-uri", default=None,
-              help="MLflow store (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here).")
+              help="MLflow store (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here); "
+                   "http://HOST:5000 for an MLflow server shared by many machines.")
 @click.option("--reports-dir", default="reports", show_default=True, help="Where reports go.")
 @click.option("--runs-dir", default="runs", show_default=True,
-              help="Checkpoints and per-query ranks, one folder per Cell id.")
-@click.option("--dry-run", is_flag=True, help="List the Cells and what is done; run nothing.")
-@click.option("--keep-going", is_flag=True, help="A failing Cell does not stop the others.")
+              help="Checkpoints, per-query ranks and claims, one folder per Cell id. Workers on "
+                   "several machines need it on shared storage.")
+@click.option("--dry-run", is_flag=True, help="List the Cells and what is done or running; run nothing.")
+@click.option("--keep-going", is_flag=True,
+              help="A failing Cell does not stop this worker (under Ray the others always go on).")
 @click.option("--dev", is_flag=True,
               help="Smoke mode: 1 epoch of 2 steps per Cell, into a separate '<name>-dev' experiment.")
 @click.option("--only", default=None, metavar="PATTERN",
               help="Run only Cells whose label (glob, e.g. '*salad*') or id prefix matches.")
-@click.option("--device", default=None, help="cpu, cuda or cuda:N.")
+@click.option("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available).")
 @click.option("--no-report", is_flag=True, help="Skip the report at the end.")
+@click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help=EXECUTOR_HELP)
+@click.option("--ray-address", default=None, metavar="ADDRESS", help=RAY_ADDRESS_HELP)
+@click.option("--gpus-per-cell", type=click.FloatRange(min=0), default=None,
+              help="With --executor ray: GPUs per Cell task (default: the matrix's resources, else 0).")
+@click.option("--cpus-per-cell", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="With --executor ray: CPUs per Cell task (default: the matrix's resources, else 1).")
+@click.option("--no-wait", is_flag=True,
+              help="Local executor: leave when only Cells other workers hold are left, instead of "
+                   "waiting to take over those whose worker dies.")
 def run(matrix_file: str, tracking_uri: str | None, reports_dir: str, runs_dir: str, dry_run: bool,
-        keep_going: bool, dev: bool, only: str | None, device: str | None, no_report: bool) -> None:
+        keep_going: bool, dev: bool, only: str | None, device: str | None, no_report: bool,
+        executor: str, ray_address: str | None, gpus_per_cell: float | None,
+        cpus_per_cell: float | None, no_wait: bool) -> None:
     """Run every Cell of a matrix file, tracked in MLflow, then write the report.
 
     Each Cell trains once and is evaluated on every target and protocol. Running the
     same command again skips finished Cells and resumes interrupted ones from their last
     epoch. Results: the MLflow store (`benchmark ui`), reports/<name>/ (tables, figures).
+
+    Scale out: start one such command per GPU (on one machine, or on many sharing the
+    tracking server and the runs folder); each claims a Cell before it starts, so none runs
+    twice, and a Cell whose worker died is taken over. Or let Ray place the Cells:
+    `--executor ray --ray-address auto --gpus-per-cell 1`.
+
+    \b
+    Examples:
+      benchmark run --matrix studies/quickstart.yaml
+      benchmark run --matrix studies/ablation.yaml --dry-run
+      CUDA_VISIBLE_DEVICES=0 benchmark run --matrix studies/ablation.yaml &
+      CUDA_VISIBLE_DEVICES=1 benchmark run --matrix studies/ablation.yaml &
+      benchmark run --matrix studies/ablation.yaml --executor ray --ray-address auto \\
+          --gpus-per-cell 1 --tracking-uri http://head:5000
     """
     import sys
 
@@ -234,7 +269,9 @@ def run(matrix_file: str, tracking_uri: str | None, reports_dir: str, runs_dir: 
     if dev:
         matrix_file = _dev_matrix(matrix_file)
     outcomes = run_matrix(matrix_file, tracking_uri, reports_dir, runs_dir, dry_run, keep_going,
-                          only, device, report=not no_report)
+                          only, device, report=not no_report, executor=executor, wait=not no_wait,
+                          ray_address=ray_address, gpus_per_cell=gpus_per_cell,
+                          cpus_per_cell=cpus_per_cell)
     if any(o.status == "failed" for o in outcomes):
         sys.exit(1)
 
@@ -321,20 +358,37 @@ def ui(tracking_uri: str | None, port: int) -> None:
 @click.option("--report", is_flag=True, help="Write reports/<study>/: best trial, trial table, figures.")
 @click.option("--export-best", type=click.Path(dir_okay=False), default=None,
               help="Write the best trial's Cell to this YAML file (for `benchmark train`).")
+@click.option("--runs-dir", default="runs", show_default=True,
+              help="Trial work folders (runs/<study>/trial-<n>); shared storage for many machines.")
+@click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="local: this process is one worker; ray: --workers Optuna workers as Ray tasks.")
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
+              help="With --executor ray: how many Optuna workers share the study.")
+@click.option("--ray-address", default=None, metavar="ADDRESS", help=RAY_ADDRESS_HELP)
+@click.option("--gpus-per-worker", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="With --executor ray: GPUs per worker task.")
+@click.option("--cpus-per-worker", type=click.FloatRange(min=0, min_open=True), default=1.0,
+              show_default=True, help="With --executor ray: CPUs per worker task.")
 def tune(study_file: str, n_trials: int | None, timeout: float | None, storage: str | None,
-         tracking_uri: str | None, device: str | None, report: bool, export_best: str | None) -> None:
+         tracking_uri: str | None, device: str | None, report: bool, export_best: str | None,
+         runs_dir: str, executor: str, workers: int, ray_address: str | None,
+         gpus_per_worker: float, cpus_per_worker: float) -> None:
     """Search hyperparameters of a Cell with Optuna; each trial is a Cell, trained and tracked.
 
     Every trial trains in runs/<study>/trial-<n> and is an MLflow child run under one
     parent run per invocation. Running the command again resumes the study. Several
     processes (on one machine, or on many with a PostgreSQL --storage) share one study:
     each runs trials until the study holds its budget. `--n-trials 0 --report` only
-    writes the report.
+    writes the report. `--executor ray --workers N` runs N such workers as Ray tasks
+    (`--n-trials` then counts per worker).
     """
     from gengeo_bench import tune as tuning
 
     outcome = tuning.tune(study_file, n_trials=n_trials, timeout=timeout, storage=storage,
-                          tracking_uri=tracking_uri, device=device, report=report, export=export_best)
+                          tracking_uri=tracking_uri, device=device, report=report, export=export_best,
+                          executor=executor, workers=workers, ray_address=ray_address,
+                          gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker,
+                          runs_dir=runs_dir)
     for line in outcome.lines():
         console.print(line, highlight=False)
 

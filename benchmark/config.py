@@ -135,6 +135,81 @@ class Cell(Strict):
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
 
+# --- dotted paths into a Cell (matrix axes, search spaces) ---------------------------
+
+PLUGIN_KINDS = {"backbone": "backbone", "aggregator": "aggregator"}
+# Keys of a plugin reference that are not the plugin's own parameters.
+FIXED_KEYS = {"aggregator": {"name", "share"}, "backbone": {"name"},
+              "dataset": set(DatasetRef.model_fields)}
+
+
+def get_path(data: dict[str, Any], path: str, missing: Any = None) -> Any:
+    """The value at a dotted path (`train.lr`), or `missing`."""
+    node: Any = data
+    for part in path.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return missing
+        node = node[part]
+    return node
+
+
+def plugin_section(path: str) -> tuple[str, str] | None:
+    """('aggregator', 'model.aggregator') when `path` is a field of a plugin reference."""
+    parts = path.split(".")
+    if len(parts) == 3 and parts[0] == "model" and parts[1] in PLUGIN_KINDS:
+        return PLUGIN_KINDS[parts[1]], f"model.{parts[1]}"
+    if len(parts) == 3 and parts[0] == "datasets":
+        return "dataset", f"datasets.{parts[1]}"
+    return None
+
+
+def accepted(kind: str, name: str) -> set[str]:
+    """Parameter names the plugin accepts (its signature, less harness-injected ones)."""
+    return registry.parameter_names(kind, name) - set(registry.INJECTED.get(kind, ()))
+
+
+def _drop_foreign(kind: str, ref: dict[str, Any], old: Any, new: Any) -> None:
+    """Switching plugin `old` -> `new`: drop `old`'s parameters that `new` does not accept.
+
+    A key that `old` does not accept either (a typo) stays, so validation reports it.
+    """
+    if old is None or old == new or not isinstance(old, str) or not isinstance(new, str):
+        return
+    keep, known = accepted(kind, new), accepted(kind, old)
+    for key in [k for k in ref if k not in FIXED_KEYS[kind] and k not in keep and k in known]:
+        del ref[key]
+
+
+def set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
+    """Write `value` at a dotted Cell path (a matrix axis, a search-space entry).
+
+    A mapping written onto a mapping is merged into it (an axis value `{name: salad,
+    dustbin: false}` on the defaults' aggregator); when that switches the plugin (a new
+    `name`), the old plugin's parameters that the new one does not accept are dropped.
+    """
+    parts = dotted.split(".")
+    node = data
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"cannot set '{dotted}': '{part}' is not a mapping")
+    last = parts[-1]
+    section = plugin_section(dotted)
+    if section and last == "name":  # `model.aggregator.name: salad`
+        _drop_foreign(section[0], node, node.get("name"), value)
+        node[last] = value
+        return
+    if isinstance(value, dict) and isinstance(node.get(last), dict):
+        kind = PLUGIN_KINDS.get(last) if parts[:-1] == ["model"] else (
+            "dataset" if parts[:-1] == ["datasets"] else None)
+        merged = dict(node[last])
+        if kind:
+            _drop_foreign(kind, merged, merged.get("name"), value.get("name", merged.get("name")))
+        node[last] = {**merged, **value}
+    else:
+        node[last] = value
+
+
 # --- loading -------------------------------------------------------------------------
 
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")

@@ -13,12 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import click
-from rich.console import Console
 
+from gengeo_bench import progress
 from gengeo_bench.errors import ConfigError, DataError
 
-console = Console()
-err_console = Console(stderr=True)
+console = progress.console()
+err_console = progress.console(stderr=True)
 
 DATASET_HELP = "Registered dataset name (see `benchmark list dataset`): cvusa, cvact, vigor, ..."
 ROOT_HELP = "Folder that holds the dataset as distributed (see the loader's docstring)."

@@ -44,11 +44,13 @@ from gengeo_bench.config import (
     interpolate_env,
     pydantic_error,
     read_yaml,
+    set_path,
     study_file,
     validate_cell,
 )
 from gengeo_bench.errors import ConfigError
 from gengeo_bench.model import check_share
+from gengeo_bench.tracking import flatten
 
 SHORTHANDS = {
     "backbone": "model.backbone",
@@ -57,6 +59,17 @@ SHORTHANDS = {
     "train_on": "train.dataset",
 }
 PLUGIN_AXES = {"model.backbone": "backbone", "model.aggregator": "aggregator"}
+
+
+class Resources(BaseModel):
+    """What one Cell asks of a Ray cluster (`--gpus-per-cell`, `--cpus-per-cell` override it).
+
+    Not part of a Cell's id: where a Cell runs does not change its numbers.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    gpus_per_cell: float = Field(0.0, ge=0, description="GPUs per Cell task (fractions share a GPU)")
+    cpus_per_cell: float = Field(1.0, gt=0, description="CPUs per Cell task (its torch threads)")
 
 
 class MatrixFile(BaseModel):
@@ -72,6 +85,7 @@ class MatrixFile(BaseModel):
     protocols: list[str] = Field(default_factory=lambda: ["none"])
     seeds: list[int] = Field(default_factory=lambda: [0])
     baseline: dict[str, Any] | None = None
+    resources: Resources = Field(default_factory=Resources)
 
 
 @dataclass
@@ -98,6 +112,11 @@ class Matrix:
     axes: dict[str, list[Any]]
     baseline: dict[str, Any] | None = None
     raw: dict[str, Any] = field(default_factory=dict)
+    resources: Resources = field(default_factory=Resources)
+
+    def baseline_params(self) -> dict[str, str] | None:
+        """The `baseline:` as flat MLflow param filters, or None when the file names none."""
+        return baseline_params(self.baseline, f"{self.path}: baseline") or None
 
     def select(self, pattern: str | None) -> list[MatrixCell]:
         """Cells whose label or id matches a glob pattern (`--only`)."""
@@ -108,19 +127,6 @@ class Matrix:
                 or fnmatch.fnmatch(c.label, f"*{pattern}*")]
 
 
-def _set_path(data: dict, dotted: str, value: Any) -> None:
-    parts = dotted.split(".")
-    for part in parts[:-1]:
-        data = data.setdefault(part, {})
-        if not isinstance(data, dict):
-            raise ConfigError(f"cannot set '{dotted}': '{part}' is not a mapping")
-    last = parts[-1]
-    if isinstance(value, dict) and isinstance(data.get(last), dict):
-        data[last] = {**data[last], **value}
-    else:
-        data[last] = value
-
-
 def _normalise_value(path: str, value: Any) -> Any:
     """A bare plugin name is shorthand for {name: ...}."""
     if path in PLUGIN_AXES and isinstance(value, str):
@@ -128,7 +134,7 @@ def _normalise_value(path: str, value: Any) -> Any:
     return value
 
 
-def _label(value: Any) -> str:
+def axis_label(value: Any) -> str:
     if isinstance(value, dict):
         name = value.get("name", "")
         rest = [f"{k}={v}" if not isinstance(v, bool) else (k if v else f"no_{k}")
@@ -224,13 +230,13 @@ def load_matrix(path: str | Path) -> Matrix:
             data["evaluate"].setdefault("protocols", list(spec.protocols))
             for axis, value in combo.items():
                 dotted = SHORTHANDS.get(axis, axis)
-                _set_path(data, dotted, copy.deepcopy(_normalise_value(dotted, value)))
+                set_path(data, dotted, copy.deepcopy(_normalise_value(dotted, value)))
             # A Cell carries only the datasets it reads, so adding a dataset to the matrix
             # does not change the ids of Cells that never touch it.
             used = {data["train"].get("dataset"), *data["evaluate"].get("targets", [])}
             data["datasets"] = {k: v for k, v in data["datasets"].items() if k in used}
             data["seed"] = seed
-            label = "|".join(_label(v) for v in combo.values()) + f"|seed{seed}"
+            label = "|".join(axis_label(v) for v in combo.values()) + f"|seed{seed}"
             data["name"] = label
             cell = validate_cell(data, source, prefix=f"cell {label}")
             if cell.id in seen:
@@ -244,10 +250,44 @@ def load_matrix(path: str | Path) -> Matrix:
             cells.append(MatrixCell({**combo, "seed": seed}, cell))
     if not cells:
         raise ConfigError(f"{source}: the matrix has no Cells left after exclude")
-    return Matrix(spec.name, path, cells, axes, spec.baseline, raw)
+    baseline_params(spec.baseline, f"{source}: baseline")  # a malformed baseline fails now
+    return Matrix(spec.name, path, cells, axes, spec.baseline, raw, spec.resources)
 
 
 def differing_values(matrix: Matrix) -> list[str]:
     """The axes whose value changes between Cells (what the dry run shows)."""
     keys = list(matrix.cells[0].values)
-    return [k for k in keys if len({_label(c.values.get(k)) for c in matrix.cells}) > 1]
+    return [k for k in keys if len({axis_label(c.values.get(k)) for c in matrix.cells}) > 1]
+
+
+def baseline_params(raw: Any, source: str = "baseline") -> dict[str, str]:
+    """A matrix file's `baseline:` as flat param keys.
+
+    `{aggregator: {name: salad, share: none}}` -> `{"aggregator.name": "salad",
+    "aggregator.share": "none"}`; `{backbone: dinov2_tiny}` -> `{"backbone.name":
+    "dinov2_tiny"}`; `train_on: city` -> `{"train.dataset": "city"}` (the matrix's axis
+    shorthands); flat keys (`aggregator.share: none`) and other keys are kept; a `model.`
+    prefix is dropped (model fields are lifted in the logged params).
+    """
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping of param values, e.g. "
+                          f"{{aggregator: {{name: salad, share: none}}}}, got {raw!r}")
+    out: dict[str, str] = {}
+    for key, value in raw.items():
+        key = SHORTHANDS.get(str(key), str(key))
+        if key.startswith("model."):
+            key = key[len("model."):]
+        if key == "model" and isinstance(value, dict):
+            out.update(baseline_params(value, source))
+            continue
+        if key in ("backbone", "aggregator") and not isinstance(value, dict):
+            value = {"name": value}
+        if isinstance(value, dict):
+            out.update(flatten(value, key))
+        elif isinstance(value, bool):
+            out[key] = str(value)
+        else:
+            out[key] = flatten(value, key)[key]
+    return out

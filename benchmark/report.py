@@ -63,6 +63,7 @@ import pandas as pd
 from gengeo_bench import metrics as M
 from gengeo_bench import tracking
 from gengeo_bench.errors import ConfigError
+from gengeo_bench.matrix import baseline_params
 
 log = logging.getLogger(__name__)
 
@@ -1078,41 +1079,6 @@ def _index(experiment: str, tracking_uri: str, runs: pd.DataFrame, methods: list
 
 
 # --- `benchmark report` ----------------------------------------------------------------------
-
-
-def baseline_params(raw: Any, source: str = "baseline") -> dict[str, str]:
-    """A matrix file's `baseline:` as flat param keys.
-
-    `{aggregator: {name: salad, share: none}}` -> `{"aggregator.name": "salad",
-    "aggregator.share": "none"}`; `{backbone: dinov2_tiny}` -> `{"backbone.name":
-    "dinov2_tiny"}`; `train_on: city` -> `{"train.dataset": "city"}` (the matrix's axis
-    shorthands); flat keys (`aggregator.share: none`) and other keys are kept; a `model.`
-    prefix is dropped (model fields are lifted in the logged params).
-    """
-    from gengeo_bench.matrix import SHORTHANDS  # the matrix file's axis names (train_on, ...)
-
-    if raw is None:
-        return {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{source}: expected a mapping of param values, e.g. "
-                          f"{{aggregator: {{name: salad, share: none}}}}, got {raw!r}")
-    out: dict[str, str] = {}
-    for key, value in raw.items():
-        key = SHORTHANDS.get(str(key), str(key))
-        if key.startswith("model."):
-            key = key[len("model."):]
-        if key == "model" and isinstance(value, dict):
-            out.update(baseline_params(value, source))
-            continue
-        if key in ("backbone", "aggregator") and not isinstance(value, dict):
-            value = {"name": value}
-        if isinstance(value, dict):
-            out.update(tracking.flatten(value, key))
-        elif isinstance(value, bool):
-            out[key] = str(value)
-        else:
-            out[key] = tracking.flatten(value, key)[key]
-    return out
 
 
 def report_command_impl(matrix: str | None, experiment: str | None, reports_dir: str,

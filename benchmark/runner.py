@@ -1,79 +1,252 @@
 """`benchmark run --matrix FILE`: every Cell of a matrix, tracked in MLflow, then the report.
 
 Per invocation one parent run (`gengeo.role = matrix`); per Cell one child run with an
-explicit parent id. Re-running the same command:
+explicit parent id. Every Cell goes through `run_one`, whichever executor runs it:
 
-- skips Cells whose run is FINISHED with test metrics;
-- resumes a Cell that was interrupted (killed, crashed, Ctrl-C) from its checkpoint in
-  `runs/<matrix>/<cell id>/`, logging into the same MLflow run;
-- with `--keep-going`, a Cell that fails is marked FAILED (tag `gengeo.error`) and the
-  others still run; without it the first failure stops the matrix (after marking it).
+- `--executor local` (the default): this process works through the Cells one after the
+  other. Several such processes (one per GPU, on one machine or many) may share a
+  matrix and its store: each Cell is claimed before it starts (`claims.py`), so no Cell
+  runs twice; a Cell claimed by a live worker is skipped and looked at again until it is
+  finished, and a Cell whose worker died is taken over and resumes from its checkpoint.
+- `--executor ray`: one Ray task per unfinished Cell (`ray_executor.py`), each calling
+  `run_one` on the node Ray chose.
 
-Ctrl-C marks the current Cell KILLED and stops; `kill -9` loses at most the current epoch
-(the checkpoint is written every epoch). Nothing finished is ever redone.
+Running the same command again skips Cells whose run is FINISHED, resumes interrupted
+ones from `runs/<matrix>/<cell id>/` in the same MLflow run, and retries failed ones.
+With `--keep-going` a failing Cell is marked FAILED (tag `gengeo.error`) and the others
+still run; without it the first failure stops this worker (after marking it). Ctrl-C
+marks the current Cell KILLED; `kill -9` loses at most the current epoch.
 """
 
 from __future__ import annotations
 
-import json
-import logging
+import contextlib
+import fcntl
+import socket
 import time
-import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from gengeo_bench import tracking
-from gengeo_bench.errors import BenchmarkError
-from gengeo_bench.matrix import Matrix, MatrixCell, differing_values, load_matrix
+from gengeo_bench import progress, tracking
+from gengeo_bench.claims import Claim, Heartbeat
+from gengeo_bench.config import Cell
+from gengeo_bench.errors import ConfigError
+from gengeo_bench.matrix import Matrix, MatrixCell, axis_label, differing_values, load_matrix
 
-log = logging.getLogger(__name__)
-console = Console()
+console = progress.console()
+
+HEARTBEAT = "gengeo.heartbeat"
+NODE = "gengeo.node"  # the Ray node a Cell runs on
+HEARTBEAT_SECONDS = 30.0  # how often a running Cell says it is alive
+HEARTBEAT_GRACE = 120.0  # silence after which a RUNNING run on another host counts as dead
+WAIT_SECONDS = 10.0  # how often a worker looks again at Cells other workers hold
+
+# Outcome.status values, as the summary shows them.
+STATUS_TEXT = {
+    "done": "[green]done", "skipped": "[dim]skipped (done before)", "elsewhere": "done by another",
+    "running": "[yellow]running elsewhere", "failed": "[red]failed",
+    "failed_elsewhere": "[red]failed (another worker)", "interrupted": "[yellow]interrupted",
+}
 
 
 @dataclass
 class Outcome:
-    cell: MatrixCell
-    status: str  # done | skipped | failed | interrupted
+    """What became of one Cell in this invocation (serialisable: Ray tasks return it)."""
+
+    cell_id: str
+    label: str
+    status: str  # a key of STATUS_TEXT
     seconds: float = 0.0
     headline: float | None = None
     error: str = ""
     run_id: str = ""
+    worker: str = ""  # who ran it (this worker, another, or the claim's holder)
 
 
-def headline_metric(cell: MatrixCell, metrics: dict[str, float]) -> float | None:
+@dataclass
+class Context:
+    """Everything `run_one` needs besides the Cell; plain values, so it travels to Ray tasks."""
+
+    tracking_uri: str
+    experiment_id: str
+    parent_id: str
+    matrix: str
+    runs_dir: str
+    device: str | None = None
+    started: float = field(default_factory=time.time)  # this invocation's start (epoch seconds)
+    tags: dict[str, str] = field(default_factory=dict)  # extra tags on each child run (node)
+    # True inside a Ray task: Ray never runs one task twice at once, so a RUNNING run whose
+    # heartbeat is fresh belongs to this task's lost previous attempt, not to a live worker.
+    scheduled: bool = False
+
+    def workdir(self, cell: Cell) -> Path:
+        return Path(self.runs_dir) / self.matrix / cell.id
+
+
+def headline_metric(cell: Cell, metrics: dict[str, float]) -> float | None:
     """R@1 on the first target without a protocol (the summary's headline)."""
-    key = f"test/{cell.cell.targets[0]}/R1"
-    return metrics.get(key)
-
-
-def existing_cell_runs(client, exp_id: str) -> dict[str, object]:
-    """The newest run per Cell id in the experiment (any status)."""
-    runs = {}
-    for run in tracking.find_runs(client, exp_id, "cell"):
-        cell_id = run.data.tags.get(tracking.CELL_ID)
-        if cell_id and cell_id not in runs:
-            runs[cell_id] = run
-    return runs
+    return metrics.get(f"test/{cell.targets[0]}/R1")
 
 
 def is_done(run) -> bool:
     return run.info.status == "FINISHED" and any(k.startswith("test/") for k in run.data.metrics)
 
 
-def dry_run(matrix: Matrix, cells: list[MatrixCell], tracking_uri: str) -> None:
-    """Print the Cells, what differs between them and what is already done."""
-    done: dict[str, object] = {}
+def newest_cell_run(mlclient, experiment_id: str, cell_id: str):
+    """The newest MLflow run of one Cell (any status), or None."""
+    runs = tracking.find_runs(mlclient, experiment_id, "cell",
+                              f"tags.`{tracking.CELL_ID}` = '{cell_id}'")
+    return runs[0] if runs else None
+
+
+def existing_cell_runs(mlclient, experiment_id: str) -> dict[str, Any]:
+    """The newest run per Cell id in the experiment (any status)."""
+    runs: dict[str, Any] = {}
+    for run in tracking.find_runs(mlclient, experiment_id, "cell"):
+        cell_id = run.data.tags.get(tracking.CELL_ID)
+        if cell_id and cell_id not in runs:
+            runs[cell_id] = run
+    return runs
+
+
+def _beats_elsewhere(run) -> bool:
+    """A RUNNING run whose worker, on another host, sent a heartbeat within the grace period."""
+    if run.info.status != "RUNNING":
+        return False
+    worker = run.data.tags.get(tracking.WORKER, "")
+    if worker.rpartition(":")[0] == socket.gethostname():
+        return False  # same host: its process is gone, or we would not hold the claim
+    try:
+        return time.time() - float(run.data.tags.get(HEARTBEAT, "0")) < HEARTBEAT_GRACE
+    except ValueError:
+        return False
+
+
+def run_one(ctx: Context, cell: Cell) -> Outcome:
+    """Claim one Cell and, unless it is done or failed elsewhere, train and evaluate it.
+
+    The one path every executor takes. Returns an Outcome for every ending except Ctrl-C
+    (re-raised after the run is marked KILLED): a Cell's failure is recorded, never raised.
+    """
+    from gengeo_bench.engine import run_cell
+
+    mlclient = tracking.client(ctx.tracking_uri)
+    me = tracking.worker_id()
+    claim = Claim(ctx.workdir(cell))
+    if not claim.acquire(me):
+        holder = claim.holder() or {}
+        return Outcome(cell.id, cell.name, "running", worker=str(holder.get("worker", "another worker")))
+    try:
+        previous = newest_cell_run(mlclient, ctx.experiment_id, cell.id)
+        if previous is not None:
+            by = previous.data.tags.get(tracking.WORKER, "")
+            ended = (previous.info.end_time or 0) / 1000
+            if is_done(previous):
+                status = "elsewhere" if ended >= ctx.started and by != me else "skipped"
+                return Outcome(cell.id, cell.name, status, 0.0,
+                               headline_metric(cell, previous.data.metrics),
+                               run_id=previous.info.run_id, worker=by)
+            if previous.info.status in ("FAILED", "KILLED") and ended >= ctx.started and by != me:
+                return Outcome(cell.id, cell.name, "failed_elsewhere",
+                               error=previous.data.tags.get(tracking.ERROR, ""),
+                               run_id=previous.info.run_id, worker=by)
+            if not ctx.scheduled and _beats_elsewhere(previous):
+                progress.log_line(
+                    f"warning: {cell.name} ({cell.id}) is running on {by} (heartbeat within "
+                    f"{HEARTBEAT_GRACE:.0f} s) although its claim in {claim.path} was free here: the "
+                    f"runs folder is not shared between the workers' machines. Put --runs-dir on "
+                    f"shared storage; this worker leaves the Cell alone.")
+                return Outcome(cell.id, cell.name, "running", worker=by)
+        resume = previous.info.run_id if previous is not None else None
+        return _train(ctx, cell, mlclient, resume, run_cell)
+    finally:
+        claim.release()
+
+
+def _train(ctx: Context, cell: Cell, mlclient, resume: str | None, run_cell) -> Outcome:
+    workdir = ctx.workdir(cell)
+    tags = {tracking.ROLE: "cell", tracking.MATRIX: ctx.matrix, tracking.PARENT: ctx.parent_id,
+            **ctx.tags}
+    start = time.time()
+    node = ctx.tags.get(NODE)
+    where = tracking.worker_id() + (f" on node {node}" if node else "")
+    progress.log_line(f"{cell.name} ({cell.id}): {'resuming' if resume else 'starting'} on {where} "
+                      f"-> {workdir}")
+    try:
+        with tracking.cell_run(mlclient, ctx.experiment_id, cell, workdir, tags,
+                               resume_run_id=resume) as run:
+            beat = lambda: mlclient.set_tag(run.run_id, HEARTBEAT, f"{time.time():.0f}")  # noqa: E731
+            with Heartbeat(beat, HEARTBEAT_SECONDS):
+                result = run_cell(cell, workdir, device=ctx.device, log_metrics=run.log_metrics)
+            run.finish(result)
+    except KeyboardInterrupt:
+        raise
+    except Exception as exc:  # recorded as FAILED by cell_run; the caller decides what goes on
+        message = tracking.error_message(exc)
+        progress.log_line(f"{cell.name} ({cell.id}): failed after {time.time() - start:.0f} s: {message}")
+        run_id = (workdir / "run_id").read_text() if (workdir / "run_id").is_file() else ""
+        return Outcome(cell.id, cell.name, "failed", time.time() - start, error=message, run_id=run_id,
+                       worker=tracking.worker_id())
+    headline = headline_metric(cell, result.metrics)
+    shown = "-" if headline is None else f"{headline:.2f}"
+    progress.log_line(f"{cell.name} ({cell.id}): done in {time.time() - start:.0f} s, "
+                      f"R@1 {cell.targets[0]} {shown}")
+    return Outcome(cell.id, cell.name, "done", time.time() - start, headline, run_id=run.run_id,
+                   worker=tracking.worker_id())
+
+
+# --- the local executor ------------------------------------------------------------------
+
+
+def run_local(ctx: Context, cells: list[MatrixCell], keep_going: bool, wait: bool) -> list[Outcome]:
+    """Work through the Cells here; with `wait`, stay until Cells held by others are settled.
+
+    A Cell another worker holds is looked at again every WAIT_SECONDS: once its worker
+    finishes it counts as done by another; if its worker dies, this one takes it over.
+    """
+    outcomes: dict[str, Outcome] = {}
+    pending = list(cells)
+    announced = 0.0
+    while pending:
+        held = []
+        for mc in pending:
+            outcome = run_one(ctx, mc.cell)
+            if outcome.status == "running":
+                held.append(mc)
+                outcomes[mc.id] = outcome
+                continue
+            outcomes[mc.id] = outcome
+            if outcome.status == "failed" and not keep_going:
+                return [outcomes[c.id] for c in cells if c.id in outcomes]
+        pending = held
+        if not pending or not wait:
+            break
+        if time.monotonic() - announced > 60:
+            announced = time.monotonic()
+            names = ", ".join(f"{mc.label} ({outcomes[mc.id].worker})" for mc in pending[:4])
+            progress.log_line(f"waiting for {len(pending)} Cell(s) other workers hold: {names}"
+                              + (" ..." if len(pending) > 4 else ""))
+        time.sleep(WAIT_SECONDS)
+    return [outcomes[c.id] for c in cells if c.id in outcomes]
+
+
+# --- the driver --------------------------------------------------------------------------
+
+
+def dry_run(matrix: Matrix, cells: list[MatrixCell], tracking_uri: str, runs_dir: str) -> None:
+    """Print the Cells, what differs between them and what is done or running elsewhere."""
+    done: dict[str, Any] = {}
     store_exists = not tracking_uri.startswith("sqlite:///") or Path(
         tracking_uri[len("sqlite:///"):]).is_file()
     if store_exists:  # a dry run never creates a store
-        client = tracking.client(tracking_uri)
-        found = client.get_experiment_by_name(matrix.name)
+        mlclient = tracking.client(tracking_uri)
+        found = mlclient.get_experiment_by_name(matrix.name)
         if found is not None:
-            done = existing_cell_runs(client, found.experiment_id)
+            done = existing_cell_runs(mlclient, found.experiment_id)
     columns = differing_values(matrix)
     table = Table(title=f"{matrix.name}: {len(cells)} Cells ({matrix.path})", title_justify="left")
     table.add_column("#", justify="right")
@@ -81,86 +254,40 @@ def dry_run(matrix: Matrix, cells: list[MatrixCell], tracking_uri: str) -> None:
     for column in columns:
         table.add_column(column, overflow="fold")
     table.add_column("status")
-    from gengeo_bench.matrix import _label
-
     for i, mc in enumerate(cells, 1):
         run = done.get(mc.id)
-        status = "new" if run is None else ("done" if is_done(run) else
-                                            f"resume ({run.info.status.lower()})")
-        table.add_row(str(i), mc.id, *[escape(_label(mc.values.get(c))) for c in columns], status)
+        holder = Claim(Path(runs_dir) / matrix.name / mc.id).holder()
+        if run is not None and is_done(run):
+            status = "done"
+        elif holder is not None:
+            status = f"running ({holder.get('worker', '?')})"
+        elif run is not None:
+            status = f"resume ({run.info.status.lower()})"
+        else:
+            status = "new"
+        table.add_row(str(i), mc.id, *[escape(axis_label(mc.values.get(c))) for c in columns], status)
     console.print(table)
     n_done = sum(1 for mc in cells if mc.id in done and is_done(done[mc.id]))
     console.print(f"{n_done} done, {len(cells) - n_done} to run. Tracking: {tracking_uri}")
 
 
-def _log_artifacts(client, run_id: str, workdir: Path) -> None:
-    for name in ("cell.yaml", "manifests.json", "environment.json", "metrics.json"):
-        if (workdir / name).is_file():
-            client.log_artifact(run_id, str(workdir / name))
-    if (workdir / "ranks").is_dir():
-        client.log_artifacts(run_id, str(workdir / "ranks"), artifact_path="ranks")
-
-
-def run_one(client, exp_id: str, parent_id: str, matrix: Matrix, mc: MatrixCell, previous,
-            runs_dir: Path, device: str | None) -> Outcome:
-    """Train and evaluate one Cell inside its MLflow child run."""
-    from gengeo_bench.engine import run_cell
-
-    cell = mc.cell
-    tags = {tracking.ROLE: "cell", tracking.MATRIX: matrix.name, tracking.CELL_ID: cell.id,
-            tracking.SEED: str(cell.seed), tracking.PARENT: parent_id,
-            "mlflow.runName": cell.name[:250]}
-    if previous is not None:  # resume in the same run
-        run_id = previous.info.run_id
-        client.update_run(run_id, status="RUNNING")
-        client.set_tag(run_id, "gengeo.resumed_by", parent_id)
-    else:
-        run_id = client.create_run(exp_id, tags=tags, run_name=cell.name[:250]).info.run_id
-    tracking.log_params(client, run_id, tracking.cell_params(cell))
-    workdir = runs_dir / matrix.name / cell.id
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "environment.json").write_text(json.dumps(tracking.environment(), indent=2))
-    (workdir / "run_id").write_text(run_id)
-    start = time.time()
-    console.print(f"[bold]{escape(cell.name)}[/bold] ({cell.id}) -> {workdir}")
-    try:
-        result = run_cell(
-            cell, workdir, device=device,
-            log_metrics=lambda metrics, step: tracking.log_metrics(client, run_id, metrics, step),
-        )
-    except KeyboardInterrupt:
-        client.set_terminated(run_id, "KILLED")
-        raise
-    except Exception as exc:  # one Cell's failure never loses the others
-        message = str(exc) if isinstance(exc, BenchmarkError) else f"{type(exc).__name__}: {exc}"
-        client.set_tag(run_id, tracking.ERROR, message[:5000])
-        (workdir / "error.txt").write_text(traceback.format_exc())
-        client.log_artifact(run_id, str(workdir / "error.txt"))
-        client.set_terminated(run_id, "FAILED")
-        return Outcome(mc, "failed", time.time() - start, error=message, run_id=run_id)
-    tracking.log_metrics(client, run_id, result.metrics, step=result.outcome.epochs_done)
-    client.set_tag(run_id, "gengeo.best_epoch", str(result.outcome.best_epoch))
-    _log_artifacts(client, run_id, workdir)
-    client.set_terminated(run_id, "FINISHED")
-    return Outcome(mc, "done", time.time() - start, headline_metric(mc, result.metrics), run_id=run_id)
-
-
 def summary(outcomes: list[Outcome], matrix: Matrix) -> None:
-    table = Table(title=f"{matrix.name}: summary", title_justify="left")
-    for column in ("cell", "id", "status", "R@1 (first target)", "time"):
+    table = Table(title=f"{matrix.name}: summary ({tracking.worker_id()})", title_justify="left")
+    for column in ("cell", "id", "status", "by", "R@1 (first target)", "time"):
         table.add_column(column)
+    me = tracking.worker_id()
     for o in outcomes:
         value = "-" if o.headline is None else f"{o.headline:.2f}"
-        status = {"done": "[green]done", "skipped": "[dim]skipped", "failed": "[red]failed",
-                  "interrupted": "[yellow]interrupted"}[o.status]
-        table.add_row(escape(o.cell.label), o.cell.id, status, value, f"{o.seconds:.0f}s")
+        by = "here" if o.worker == me else (o.worker or "-")
+        table.add_row(escape(o.label), o.cell_id, STATUS_TEXT[o.status], escape(by), value,
+                      f"{o.seconds:.0f}s")
     console.print(table)
-    counts = {s: sum(o.status == s for o in outcomes) for s in ("done", "skipped", "failed")}
-    console.print(f"done {counts['done']}, skipped {counts['skipped']}, failed {counts['failed']}")
+    counts = {s: sum(o.status == s for o in outcomes) for s in STATUS_TEXT}
+    shown = ", ".join(f"{s.replace('_', ' ')} {n}" for s, n in counts.items() if n)
+    console.print(f"this worker ran {counts['done'] + counts['failed']} Cell(s); {shown}")
     for o in outcomes:
-        if o.status == "failed":
-            console.print(f"[red]{escape(o.cell.label)} ({o.cell.id}) failed:[/red] {escape(o.error)}",
-                          highlight=False)
+        if o.status in ("failed", "failed_elsewhere"):
+            console.print(f"[red]{escape(o.label)} ({o.cell_id}) failed:[/red] {escape(o.error)}")
 
 
 def run_matrix(
@@ -173,75 +300,74 @@ def run_matrix(
     only: str | None = None,
     device: str | None = None,
     report: bool = True,
+    executor: str = "local",
+    wait: bool = True,
+    ray_address: str | None = None,
+    gpus_per_cell: float | None = None,
+    cpus_per_cell: float | None = None,
 ) -> list[Outcome]:
     """Run (or with `dry`, list) the Cells of a matrix file; returns one Outcome per Cell."""
     matrix = load_matrix(matrix_file)  # every config error surfaces here, before any work
     cells = matrix.select(only)
     uri = tracking.tracking_uri(tracking_uri)
+    runs_dir = str(Path(runs_dir).resolve())
+    if executor not in ("local", "ray"):
+        raise ConfigError(f"--executor {executor!r}: expected local or ray.")
     if dry:
-        dry_run(matrix, cells, uri)
+        dry_run(matrix, cells, uri, runs_dir)
         return []
-    client = tracking.client(uri)
-    exp_id = tracking.experiment_id(client, matrix.name, uri)
-    existing = existing_cell_runs(client, exp_id)
-    parent = client.create_run(
-        exp_id, run_name=f"{matrix.name} {time.strftime('%Y-%m-%d %H:%M:%S')}",
-        tags={tracking.ROLE: "matrix", tracking.MATRIX: matrix.name,
-              "gengeo.matrix_file": str(matrix.path), "gengeo.cells": str(len(cells))},
+    cluster = None
+    if executor == "ray":  # connect (and check the store suits the cluster) before creating runs
+        from gengeo_bench import ray_executor
+
+        cluster = ray_executor.connect(ray_address, uri)
+    mlclient = tracking.client(uri)
+    experiment = tracking.experiment_id(mlclient, matrix.name, uri)
+    if cluster is not None:
+        cluster.check_artifacts(mlclient, experiment)
+    parent = mlclient.create_run(
+        experiment, run_name=f"{matrix.name} {time.strftime('%Y-%m-%d %H:%M:%S')}",
+        tags={tracking.ROLE: "matrix", tracking.MATRIX: matrix.name, tracking.WORKER: tracking.worker_id(),
+              "gengeo.matrix_file": str(matrix.path), "gengeo.cells": str(len(cells)),
+              "gengeo.executor": executor},
     ).info.run_id
-    client.log_text(parent, matrix.path.read_text(), "matrix.yaml")
-    client.log_dict(parent, tracking.environment(), "environment.json")
-    outcomes: list[Outcome] = []
+    mlclient.log_text(parent, matrix.path.read_text(), "matrix.yaml")
+    mlclient.log_dict(parent, tracking.environment(), "environment.json")
+    ctx = Context(uri, experiment, parent, matrix.name, runs_dir, device)
     status = "FINISHED"
     try:
-        for mc in cells:
-            previous = existing.get(mc.id)
-            if previous is not None and is_done(previous):
-                outcomes.append(Outcome(mc, "skipped", 0.0, headline_metric(mc, previous.data.metrics),
-                                        run_id=previous.info.run_id))
-                continue
-            outcome = run_one(client, exp_id, parent, matrix, mc, previous, Path(runs_dir), device)
-            outcomes.append(outcome)
-            if outcome.status == "failed" and not keep_going:
-                status = "FAILED"
-                break
+        if cluster is not None:
+            resources = matrix.resources.model_copy(update={
+                k: v for k, v in (("gpus_per_cell", gpus_per_cell), ("cpus_per_cell", cpus_per_cell))
+                if v is not None})
+            outcomes = cluster.run(ctx, cells, resources)
+        else:
+            outcomes = run_local(ctx, cells, keep_going, wait)
     except KeyboardInterrupt:
-        status = "KILLED"
         console.print("[yellow]Interrupted: finished Cells are kept; the same command resumes.")
-        summary(outcomes, matrix)
-        client.set_terminated(parent, status)
+        mlclient.set_terminated(parent, "KILLED")
         raise
     summary(outcomes, matrix)
     n_failed = sum(o.status == "failed" for o in outcomes)
-    tracking.log_metrics(client, parent, {
+    tracking.log_metrics(mlclient, parent, {
         "cells_done": sum(o.status == "done" for o in outcomes),
-        "cells_skipped": sum(o.status == "skipped" for o in outcomes),
+        "cells_skipped": sum(o.status in ("skipped", "elsewhere") for o in outcomes),
         "cells_failed": n_failed,
     })
-    if report and any(o.status in ("done", "skipped") for o in outcomes):
-        from gengeo_bench.report import write_report
-
-        folder = write_report(uri, matrix.name, Path(reports_dir), baseline=baseline_params(matrix),
-                              parent_run_id=parent)
+    if report and any(o.status in ("done", "skipped", "elsewhere") for o in outcomes):
+        folder = write_report_locked(uri, matrix, Path(reports_dir), parent)
         console.print(f"report: {folder / 'index.md'}")
-    client.set_terminated(parent, "FAILED" if n_failed else status)
+    mlclient.set_terminated(parent, "FAILED" if n_failed else status)
     return outcomes
 
 
-def baseline_params(matrix: Matrix) -> dict[str, str] | None:
-    """The matrix's `baseline:` as flat param filters (`aggregator.share: none`)."""
-    if not matrix.baseline:
-        return None
-    from gengeo_bench.matrix import PLUGIN_AXES, SHORTHANDS
+def write_report_locked(uri: str, matrix: Matrix, reports_dir: Path, parent: str) -> Path:
+    """The report, written by one worker at a time (workers that end together take turns)."""
+    from gengeo_bench.report import write_report
 
-    flat: dict[str, str] = {}
-    for axis, value in matrix.baseline.items():
-        path = SHORTHANDS.get(axis, axis)
-        prefix = path.removeprefix("model.")
-        if path in PLUGIN_AXES and isinstance(value, str):
-            value = {"name": value}
-        if isinstance(value, dict):
-            flat.update({f"{prefix}.{k}": str(v) for k, v in value.items()})
-        else:
-            flat[prefix] = str(value)
-    return flat
+    reports_dir.mkdir(parents=True, exist_ok=True)
+    with open(reports_dir / f".{matrix.name}.lock", "a") as handle, contextlib.ExitStack() as stack:
+        fcntl.lockf(handle, fcntl.LOCK_EX)
+        stack.callback(fcntl.lockf, handle, fcntl.LOCK_UN)
+        return write_report(uri, matrix.name, reports_dir, baseline=matrix.baseline_params(),
+                            parent_run_id=parent)

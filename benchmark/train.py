@@ -481,7 +481,8 @@ class Trainer:
         recent: list[float] = []  # the logged train/loss: the last 10 steps, across epochs
         for epoch in range(start_epoch, self.recipe.epochs):
             losses = []
-            with progress_bar(f"epoch {epoch + 1}/{self.recipe.epochs}", self.steps_per_epoch) as advance:
+            bar = f"{self.cell.name} epoch {epoch + 1}/{self.recipe.epochs}"
+            with progress_bar(bar, self.steps_per_epoch) as advance:
                 for step, batch in enumerate(self._batches(epoch)):
                     with autocast(self.device, self.recipe.amp):
                         loss = self.module(batch)

@@ -69,7 +69,6 @@ import math
 import os
 import socket
 import time
-import traceback
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -83,18 +82,24 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from gengeo_bench import registry, tracking
 from gengeo_bench.config import (
+    FIXED_KEYS,
+    PLUGIN_KINDS,
     Cell,
-    DatasetRef,
     EvaluateConfig,
+    Strict,
     TrainConfig,
+    accepted,
+    get_path,
     interpolate_env,
+    plugin_section,
     pydantic_error,
     read_yaml,
+    set_path,
     study_file,
     validate_cell,
 )
 from gengeo_bench.engine import metric_prefix, run_cell
-from gengeo_bench.errors import BenchmarkError, ConfigError
+from gengeo_bench.errors import ConfigError
 from gengeo_bench.protocols import Protocol
 
 log = logging.getLogger(__name__)
@@ -109,10 +114,6 @@ SPACE_HASH = "gengeo.space_hash"  # study user attribute: what the study file se
 
 
 # --- the study file ----------------------------------------------------------------------
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
 
 
 class ObjectiveSpec(Strict):
@@ -210,6 +211,7 @@ class Study:
     timeout: float | None
     storage: str
     heartbeat: HeartbeatSpec
+    text: str = ""  # the study file as read (logged with every run; workers elsewhere lack the file)
 
     @property
     def space_hash(self) -> str:
@@ -244,7 +246,8 @@ def load_study(path: str | Path, storage: str | None = None) -> Study:
                 )
     study = Study(source, spec.name, base, order_by_dependencies(params, source),
                   spec.objective.metric, spec.objective.direction, spec.sampler, spec.pruner,
-                  spec.n_trials, spec.timeout, storage or spec.storage, spec.heartbeat)
+                  spec.n_trials, spec.timeout, storage or spec.storage, spec.heartbeat,
+                  text=Path(path).read_text())
     check_objective(study, base_cell)
     make_sampler(study)  # option errors surface now, not at the first trial
     make_pruner(study)
@@ -393,53 +396,6 @@ def order_by_dependencies(params: list[Param], source: str) -> list[Param]:
 
 
 # --- field paths -------------------------------------------------------------------------
-
-PLUGIN_KINDS = {"backbone": "backbone", "aggregator": "aggregator"}
-FIXED_KEYS = {"aggregator": {"name", "share"}, "backbone": {"name"},
-              "dataset": set(DatasetRef.model_fields)}
-
-
-def get_path(data: dict[str, Any], path: str, missing: Any = None) -> Any:
-    node: Any = data
-    for part in path.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return missing
-        node = node[part]
-    return node
-
-
-def plugin_section(path: str) -> tuple[str, str] | None:
-    """('aggregator', 'model.aggregator') when `path` is a field of a plugin reference."""
-    parts = path.split(".")
-    if len(parts) == 3 and parts[0] == "model" and parts[1] in PLUGIN_KINDS:
-        return PLUGIN_KINDS[parts[1]], f"model.{parts[1]}"
-    if len(parts) == 3 and parts[0] == "datasets":
-        return "dataset", f"datasets.{parts[1]}"
-    return None
-
-
-def accepted(kind: str, name: str) -> set[str]:
-    """Parameter names the plugin accepts (its signature, less harness-injected ones)."""
-    target = registry.get(kind, name).load()
-    return set(registry._signature_params(target)) - set(registry.INJECTED.get(kind, ()))
-
-
-def set_path(data: dict[str, Any], path: str, value: Any) -> None:
-    """Write `value` at `path`; switching a plugin drops base parameters it does not accept."""
-    parts = path.split(".")
-    node = data
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-    section = plugin_section(path)
-    old = node.get("name")
-    if section and parts[-1] == "name" and old is not None and old != value:
-        kind = section[0]
-        keep = accepted(kind, value)
-        for key in [k for k in node if k not in FIXED_KEYS[kind] and k not in keep]:
-            if key in accepted(kind, old):  # a typo stays, so validate_cell reports it
-                del node[key]
-    node[parts[-1]] = value
-
 
 def check_path(p: Param, base: dict[str, Any], by_path: dict[str, Param], source: str) -> None:
     """Reject a path that is not a scalar field of a Cell (or a plugin parameter) up front."""
@@ -732,10 +688,6 @@ def budget_used(optuna_study: optuna.Study) -> int:
     return sum(1 for t in trials if not (t.state == TrialState.FAIL and t.number in retried))
 
 
-def worker_id() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
-
-
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -817,28 +769,23 @@ class Tracker:
             time.sleep(1.0)
             self.experiment = tracking.experiment_id(self.mlclient, self.study.name, self.uri)
 
-    def start(self) -> None:
+    def start(self) -> str:
+        """The parent run of this invocation (created on first use); returns its id."""
         if self.parent is not None:
-            return
+            return self.parent
         self.connect()
         run = self.mlclient.create_run(
-            self.experiment, run_name=f"{self.study.name} ({worker_id()})",
-            tags={tracking.ROLE: "study", tracking.STUDY: self.study.name, "gengeo.worker": worker_id()})
+            self.experiment, run_name=f"{self.study.name} ({tracking.worker_id()})",
+            tags={tracking.ROLE: "study", tracking.STUDY: self.study.name,
+                  tracking.WORKER: tracking.worker_id()})
         self.parent = run.info.run_id
         tracking.log_params(self.mlclient, self.parent, {
             "objective.metric": self.study.metric, "objective.direction": self.study.direction,
             "sampler.name": self.study.sampler.name, "pruner.name": self.study.pruner.name,
             "n_trials": str(self.study.n_trials), "space": ", ".join(p.path for p in self.study.space)})
-        self.mlclient.log_text(self.parent, Path(self.study.source).read_text(), "study.yaml")
+        self.mlclient.log_text(self.parent, self.study.text, "study.yaml")
         self.mlclient.log_dict(self.parent, tracking.environment(), "environment.json")
-
-    def child(self, number: int) -> str:
-        self.start()
-        run = self.mlclient.create_run(
-            self.experiment, run_name=f"trial-{number}",
-            tags={tracking.ROLE: "trial", tracking.STUDY: self.study.name, tracking.TRIAL: str(number),
-                  tracking.PARENT: self.parent})
-        return run.info.run_id
+        return self.parent
 
     def end(self, status: str) -> None:
         if self.parent is not None:
@@ -848,82 +795,59 @@ class Tracker:
 def make_objective(study: Study, optuna_study: optuna.Study, tracker: Tracker, device: str | None,
                    lock: BudgetLock, runs_dir: Path) -> Callable[[optuna.Trial], float]:
     def objective(trial: optuna.Trial) -> float:
-        try:
-            run_id = tracker.child(trial.number)
-        finally:
-            lock.release()  # the trial exists now; other workers may count and create theirs
+        lock.release()  # the trial exists now; other workers may count and create theirs
         workdir = trial.user_attrs.get(WORKDIR)  # a retry resumes in its original trial's folder
         resumed = workdir is not None
-        workdir = workdir or str(runs_dir / study.name / f"trial-{trial.number}")
-        trial.set_user_attr(WORKDIR, workdir)
-        trial.set_user_attr(WORKER, worker_id())
-        trial.set_user_attr(RUN_ID, run_id)
-        mlc = tracker.mlclient
-        if resumed:
-            mlc.set_tag(run_id, "gengeo.resumed_from", workdir)
+        workdir = Path(workdir or runs_dir / study.name / f"trial-{trial.number}")
+        trial.set_user_attr(WORKDIR, str(workdir))
+        trial.set_user_attr(WORKER, tracking.worker_id())
         try:
             cell, values = suggest_cell(study, trial)
-            trial.set_user_attr(CELL_ID, cell.id)
-            for key, value in {tracking.CELL_ID: cell.id, tracking.SEED: str(cell.seed),
-                               "gengeo.sampled": json.dumps(values)}.items():
-                mlc.set_tag(run_id, key, value)
-            tracking.log_params(mlc, run_id, tracking.cell_params(cell))
-
-            def on_epoch(record: dict[str, Any]) -> None:
-                score = record.get("val_R1")
-                if score is None:
-                    return
-                trial.report(float(score), int(record["epoch"]))
-                if trial.should_prune():
-                    raise optuna.TrialPruned(f"pruned after epoch {record['epoch']} "
-                                             f"(val R@1 {score:.2f})")
-
-            result = run_cell(cell, Path(workdir), device=device,
-                              log_metrics=lambda m, step: tracking.log_metrics(mlc, run_id, m, step),
-                              on_epoch=on_epoch)
-            value = objective_value(study, result)
-            history = result.outcome.history
-            best_val = max((r["val_R1"] for r in history if r.get("val_R1") is not None), default=None)
-            summary = {**result.metrics, **({f"val/{cell.train.dataset}/R1": best_val}
-                                            if best_val is not None else {})}
-            trial.set_user_attr(METRICS, {k: float(v) for k, v in summary.items()})
-            trial.set_user_attr("gengeo.best_epoch", result.outcome.best_epoch)
-            tracking.log_metrics(mlc, run_id, {**result.metrics, "objective": value},
-                                 step=result.outcome.epochs_done)
-            mlc.set_tag(run_id, "gengeo.best_epoch", str(result.outcome.best_epoch))
-            log_artifacts(mlc, run_id, Path(workdir))
-            mlc.set_terminated(run_id, "FINISHED")
-            return value
-        except optuna.TrialPruned as exc:
-            mlc.set_tag(run_id, "gengeo.pruned", str(exc))
-            mlc.set_terminated(run_id, "KILLED")
+        except ConfigError as exc:
+            trial.set_user_attr(ERROR, str(exc)[:5000])
             raise
+        trial.set_user_attr(CELL_ID, cell.id)
+        tags = {tracking.ROLE: "trial", tracking.STUDY: study.name, tracking.TRIAL: str(trial.number),
+                tracking.PARENT: tracker.start(), "gengeo.sampled": json.dumps(values)}
+        if resumed:
+            tags["gengeo.resumed_from"] = str(workdir)
+
+        def on_epoch(record: dict[str, Any]) -> None:
+            score = record.get("val_R1")
+            if score is None:
+                return
+            trial.report(float(score), int(record["epoch"]))
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"pruned after epoch {record['epoch']} (val R@1 {score:.2f})")
+
+        try:
+            with tracking.cell_run(tracker.mlclient, tracker.experiment, cell, workdir, tags,
+                                   stop_on=(optuna.TrialPruned,),
+                                   run_name=f"trial-{trial.number}") as run:
+                trial.set_user_attr(RUN_ID, run.run_id)
+                result = run_cell(cell, workdir, device=device, log_metrics=run.log_metrics,
+                                  on_epoch=on_epoch)
+                value = objective_value(study, result)
+                run.log_metrics({"objective": value}, step=result.outcome.epochs_done)
+                run.finish(result)
         except KeyboardInterrupt:
-            mlc.set_tag(run_id, tracking.ERROR, "interrupted (Ctrl-C); re-queued")
-            mlc.set_terminated(run_id, "KILLED")
             frozen = next(t for t in optuna_study.get_trials(deepcopy=False) if t.number == trial.number)
             retry_callback(None)(optuna_study, frozen)  # the next `benchmark tune` resumes it
             raise
-        except Exception as exc:  # Optuna records FAIL and the study goes on
-            message = str(exc) if isinstance(exc, BenchmarkError) else f"{type(exc).__name__}: {exc}"
-            trial.set_user_attr(ERROR, message[:5000])
-            mlc.set_tag(run_id, tracking.ERROR, message[:5000])
-            if Path(workdir).is_dir():
-                (Path(workdir) / "error.txt").write_text(traceback.format_exc())
-                mlc.log_artifact(run_id, str(Path(workdir) / "error.txt"))
-            mlc.set_terminated(run_id, "FAILED")
+        except optuna.TrialPruned:
             raise
+        except Exception as exc:  # Optuna records FAIL and the study goes on
+            trial.set_user_attr(ERROR, tracking.error_message(exc)[:5000])
+            raise
+        history = result.outcome.history
+        best_val = max((r["val_R1"] for r in history if r.get("val_R1") is not None), default=None)
+        summary = {**result.metrics, **({f"val/{cell.train.dataset}/R1": best_val}
+                                        if best_val is not None else {})}
+        trial.set_user_attr(METRICS, {k: float(v) for k, v in summary.items()})
+        trial.set_user_attr("gengeo.best_epoch", result.outcome.best_epoch)
+        return value
 
     return objective
-
-
-def log_artifacts(mlc, run_id: str, workdir: Path) -> None:
-    """What a matrix run logs too: the Cell, manifests, metrics and per-query ranks."""
-    for name in ("cell.yaml", "manifests.json", "metrics.json"):
-        if (workdir / name).is_file():
-            mlc.log_artifact(run_id, str(workdir / name))
-    if (workdir / "ranks").is_dir():
-        mlc.log_artifacts(run_id, str(workdir / "ranks"), artifact_path="ranks")
 
 
 # --- running a study ---------------------------------------------------------------------
@@ -1049,14 +973,13 @@ def trials_table(optuna_study: optuna.Study):
 
 
 def markdown_table(df) -> str:
-    def cell(v: Any) -> str:
-        if v is None or (isinstance(v, float) and math.isnan(v)):
-            return ""
-        return _fmt(v).replace("|", "\\|").replace("\n", " ")
+    """The trial table as Markdown: numbers shortened, missing values blank."""
+    from gengeo_bench.report import to_markdown
 
-    lines = ["| " + " | ".join(map(str, df.columns)) + " |", "|" + "---|" * len(df.columns)]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in df.itertuples(index=False)]
-    return "\n".join(lines) + "\n"
+    def cell(v: Any) -> str:
+        return "" if v is None or (isinstance(v, float) and math.isnan(v)) else _fmt(v)
+
+    return to_markdown(df.astype(object).map(cell))
 
 
 def write_report(study: Study, optuna_study: optuna.Study, out_dir: str | Path | None = None
@@ -1159,11 +1082,31 @@ def export_best(study: Study, optuna_study: optuna.Study, path: str | Path) -> P
 
 def tune(study_file: str | Path, n_trials: int | None = None, timeout: float | None = None,
          storage: str | None = None, tracking_uri: str | None = None, device: str | None = None,
-         report: bool = False, export: str | Path | None = None) -> TuneOutcome:
-    """`benchmark tune`: validate the study file, run trials, then report and export."""
+         report: bool = False, export: str | Path | None = None, executor: str = "local",
+         workers: int = 1, ray_address: str | None = None, gpus_per_worker: float = 0.0,
+         cpus_per_worker: float = 1.0, runs_dir: str | Path = "runs") -> TuneOutcome:
+    """`benchmark tune`: validate the study file, run trials (here or as Ray tasks), report, export.
+
+    With `executor="ray"`, `workers` Optuna workers run as Ray tasks, each exactly what one
+    `benchmark tune` process runs (`run_study`), on the study's shared storage; `n_trials`
+    then counts per worker.
+    """
     study = load_study(study_file, storage=storage)
-    outcome = run_study(study, n_trials=n_trials, timeout=timeout, tracking_uri=tracking_uri,
-                        device=device)
+    if executor == "ray":
+        from gengeo_bench import ray_executor
+        from gengeo_bench.matrix import Resources
+
+        uri = tracking.tracking_uri(tracking_uri)
+        cluster = ray_executor.connect(ray_address, uri)
+        resources = Resources(gpus_per_cell=gpus_per_worker, cpus_per_cell=cpus_per_worker)
+        ran = cluster.tune(study, workers, n_trials, timeout, device, str(Path(runs_dir).resolve()),
+                           resources)
+        outcome = TuneOutcome(study, open_optuna_study(study), ran)
+    elif executor == "local":
+        outcome = run_study(study, n_trials=n_trials, timeout=timeout, tracking_uri=tracking_uri,
+                            device=device, runs_dir=runs_dir)
+    else:
+        raise ConfigError(f"--executor {executor!r}: expected local or ray.")
     if report:
         outcome.report_dir, outcome.skipped_figures = write_report(study, outcome.optuna_study)
     if export:
