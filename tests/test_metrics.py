@@ -32,7 +32,7 @@ def test_matches_direct_computation_with_ties():
     ranks = _direct_ranks(query, gallery, gt)
     assert len(np.unique(gallery, axis=0)) < len(gallery)  # the problem really has ties
     out = metrics.retrieval_metrics(query, gallery, gt, return_ranks=True)
-    np.testing.assert_array_equal(out["ranks"], np.minimum(ranks, 10))
+    np.testing.assert_array_equal(out["ranks"], ranks)
     for k in (1, 5, 10):
         assert out[f"R{k}"] == pytest.approx(100 * np.mean(ranks < k))
     # gallery of 40 < 100: R1pct uses K = max(1, floor(0.4)) = 1
@@ -53,11 +53,11 @@ def test_random_float_problem_and_chunking(monkeypatch):
     query = _normalise(gallery[:300] + 0.4 * rng.standard_normal((300, 16)))
     gt = np.arange(300)
     ranks = _direct_ranks(query, gallery, gt)
-    monkeypatch.setattr(metrics, "RESULT_BUDGET", 64 * 10 * 12)  # 64 queries per FAISS call
+    monkeypatch.setattr(metrics, "SCORE_BUDGET", 64 * 500 * 4)  # 64 queries per chunk
     out = metrics.retrieval_metrics(query, gallery, gt, return_ranks=True)
     k_pct = metrics.k_for_one_percent(500)
     assert k_pct == 5
-    np.testing.assert_array_equal(out["ranks"], np.minimum(ranks, 10))
+    np.testing.assert_array_equal(out["ranks"], ranks)
     assert out["R1pct"] == pytest.approx(100 * np.mean(ranks < 5))
     assert 0 < out["R1"] < out["R5"] <= out["R10"] < 100
 
@@ -104,12 +104,12 @@ def test_extra_positives_within_distance():
     assert plain["R1"] == 0.0 and near["R1"] == 100.0
 
 
-def test_ranks_beyond_k_max_are_lower_bounds():
+def test_ranks_are_exact_however_large():
     rng = np.random.default_rng(3)
     gallery = _normalise(rng.standard_normal((300, 8)))
-    query = -gallery[:20]  # the ground truth is the worst item
-    out = metrics.query_ranks(query, gallery, np.arange(20), k_max=10)
-    assert (out["ranks"] == 10).all()
+    query = -gallery[:20]  # the ground truth is the worst item: all 299 others outrank it
+    out = metrics.query_ranks(query, gallery, np.arange(20))
+    assert (out["ranks"] == 299).all()
 
 
 def test_bootstrap_interval_covers_the_mean_and_shrinks():
@@ -131,3 +131,94 @@ def test_mcnemar_exact():
     assert out["only_a"] == 10 and out["only_b"] == 0
     assert out["p_value"] == pytest.approx(2 * 0.5 ** 10)
     assert metrics.mcnemar(a, a)["p_value"] == 1.0
+
+
+def _sparse_half_problem(rng, n_query, n_gallery, dim=16, nonzero=4):
+    """Rows with `nonzero` entries of +-0.5: unit norm, dot products multiples of 1/4, exact in float32."""
+    def rows(n):
+        out = np.zeros((n, dim), dtype=np.float32)
+        for row in out:
+            row[rng.choice(dim, nonzero, replace=False)] = rng.choice([-0.5, 0.5], nonzero)
+        return out
+
+    return rows(n_query), rows(n_gallery), rng.integers(0, n_gallery, n_query)
+
+
+def _direct_hit_rate_hits(query, gallery, gt, semi):
+    """The definition, in float64: nothing but the positive and its semi-positives scores higher."""
+    sims = query.astype(np.float64) @ gallery.astype(np.float64).T
+    above = sims > sims[np.arange(len(gt)), gt][:, None]
+    above[np.arange(len(gt))[:, None], semi] = False
+    return ~above.any(axis=1)
+
+
+def test_sparse_exact_problem_ranks_and_hit_rate_match_the_definition():
+    rng = np.random.default_rng(5)
+    query, gallery, gt = _sparse_half_problem(rng, 300, 400)
+    semi = rng.integers(0, 400, (300, 3))
+    sims = query.astype(np.float64) @ gallery.astype(np.float64).T
+    ranks = (sims > sims[np.arange(300), gt][:, None]).sum(axis=1)
+    assert ranks.max() > 50  # most ranks lie far beyond k_max = 10
+    out = metrics.retrieval_metrics(query, gallery, gt, semi_positives=semi, return_ranks=True)
+    hits = _direct_hit_rate_hits(query, gallery, gt, semi)
+    np.testing.assert_array_equal(out["semi_hit"], hits)
+    assert out["hit_rate"] == pytest.approx(100 * hits.mean())
+    assert out["R1"] == pytest.approx(100 * np.mean(ranks == 0))
+    np.testing.assert_array_equal(out["ranks"], ranks)
+
+
+def _duplicated_gallery(rng, n_codes, copies, dim):
+    """`n_codes` random unit vectors, each repeated `copies` times, in shuffled order."""
+    codes = _normalise(rng.standard_normal((n_codes, dim)))
+    code_of = rng.permutation(np.repeat(np.arange(n_codes), copies))
+    return codes, code_of, codes[code_of]
+
+
+def test_exact_duplicates_tied_beyond_k_max():
+    # 200 queries x 60 gallery items, 4 codes of 15 copies each: the positive is tied
+    # with 14 exact duplicates, more than the 10 a top-k_max list holds.
+    rng = np.random.default_rng(6)
+    codes, code_of, gallery = _duplicated_gallery(rng, 4, 15, 32)
+    gt = rng.integers(0, 60, 200)
+    query = _normalise(codes[code_of[gt]] + 0.8 * rng.standard_normal((200, 32)))
+    semi = rng.integers(0, 60, (200, 3))
+    # Reference from the distinct codes in float64 (their scores are far apart): an item
+    # outranks the positive iff its code scores higher than the positive's code.
+    code_sims = query.astype(np.float64) @ codes.astype(np.float64).T
+    item_sims = code_sims[:, code_of]
+    pos = item_sims[np.arange(200), gt]
+    ranks = (item_sims > pos[:, None]).sum(axis=1)
+    above = item_sims > pos[:, None]
+    above[np.arange(200)[:, None], semi] = False
+    hits = ~above.any(axis=1)
+    out = metrics.retrieval_metrics(query, gallery, gt, semi_positives=semi, return_ranks=True)
+    assert out["hit_rate"] == pytest.approx(100 * hits.mean())
+    assert out["R1"] == pytest.approx(100 * np.mean(ranks == 0))
+    np.testing.assert_array_equal(out["ranks"], ranks)
+
+
+def test_queries_equal_to_their_ground_truth_with_many_duplicates():
+    # Every query is its positive's own descriptor, and each gallery descriptor appears
+    # 40 times, more than k_max = 20 (1% of 2,000): nothing can score strictly higher,
+    # so every rank is 0 and every query a hit.
+    rng = np.random.default_rng(7)
+    _, _, gallery = _duplicated_gallery(rng, 50, 40, 64)
+    gt = rng.permutation(2000)[:500]
+    semi = rng.integers(0, 2000, (500, 3))
+    out = metrics.retrieval_metrics(gallery[gt], gallery, gt, semi_positives=semi,
+                                    return_ranks=True)
+    assert (out["ranks"] == 0).all()
+    assert out["R1"] == 100.0 and out["hit_rate"] == 100.0
+
+
+def test_r1_hit_implies_hit_rate_hit():
+    rng = np.random.default_rng(8)
+    for trial in range(5):
+        query, gallery, gt = _sparse_half_problem(rng, 200, 60, dim=8, nonzero=4)
+        semi = rng.integers(0, 60, (200, 3))
+        out = metrics.retrieval_metrics(query, gallery, gt, semi_positives=semi,
+                                        return_ranks=True)
+        r1_hits = out["ranks"] == 0
+        assert r1_hits.any()
+        assert out["semi_hit"][r1_hits].all(), f"trial {trial}"
+        assert out["hit_rate"] >= out["R1"]
