@@ -26,6 +26,10 @@ SPLIT_HELP = (
     "Split to read: cvusa train|test, cvact train|val|test, vigor train|test. "
     "Default: the registry's default (train)."
 )
+CHECK_SPLIT_HELP = (
+    "Split to check: cvusa train|test, cvact train|val|test, vigor train|test (of the "
+    "chosen mode), synthetic train|test. Default: every split the dataset has."
+)
 OPTION_HELP = (
     "Extra loader option as key=value, repeatable; values are read as YAML "
     "(cvact: middle_crop=true, protocol=within_5m; vigor: mode=cross_area, corrected=true, "
@@ -99,7 +103,7 @@ def _list_params(target: Any) -> set[str]:
 @data.command("check")
 @click.option("--dataset", "-d", required=True, help=DATASET_HELP)
 @click.option("--root", "-r", required=True, type=click.Path(file_okay=False), help=ROOT_HELP)
-@click.option("--split", "-s", default=None, help=SPLIT_HELP)
+@click.option("--split", "-s", default=None, help=CHECK_SPLIT_HELP)
 @click.option(
     "--decode",
     is_flag=True,
@@ -112,6 +116,13 @@ def _list_params(target: Any) -> set[str]:
     is_flag=True,
     help="Do not compare image sizes with the registry's meta.image_size (for copies resized on purpose).",
 )
+@click.option(
+    "--allow-missing-eval",
+    is_flag=True,
+    help="Accept a few missing files in an evaluation split (val, test), as many as the "
+    "training split tolerates: they are still listed, and the exit status is 0, but results "
+    "on that split are not comparable with published numbers. Without it they exit 2.",
+)
 @click.option("--option", "-o", "options", multiple=True, metavar="KEY=VALUE", help=OPTION_HELP)
 def check_command(
     dataset: str,
@@ -119,29 +130,90 @@ def check_command(
     split: str | None,
     decode: bool,
     no_size_check: bool,
+    allow_missing_eval: bool,
     options: tuple[str, ...],
 ) -> None:
-    """Check that a dataset split on disk is complete and readable.
+    """Check that a dataset on disk is complete and readable, every split or one.
 
-    Loads the split the way training and evaluation will (split files parsed, every
-    referenced image tested for existence), then prints the counts, the content hash
-    recorded in run manifests, and what is missing, unreadable or of the wrong size.
-    A few missing files (at most 10, and at most 1% of the split) are tolerated: their
-    pairs are skipped and recorded in the manifest as `skipped_missing`.
+    Loads each split the way training and evaluation will (split files parsed, every
+    referenced image tested for existence), then prints per split the counts, the content
+    hash recorded in run manifests, and what is missing, unreadable or of the wrong size.
+    Without --split every split the dataset has is checked (cvusa: train, test; cvact:
+    train, val, test; vigor: train, test of the chosen mode).
 
-    Exit status 0 when the split is usable as it is, 2 otherwise, with what to fix.
+    The training split tolerates a few missing files (at most 10, and at most 1% of the
+    split): their pairs are skipped and recorded in the manifest as `skipped_missing`,
+    with a warning. An evaluation split (val, test) does not: a missing query or gallery
+    image makes its results incomparable with published numbers, so the check fails
+    unless --allow-missing-eval accepts it.
+
+    Exit status 0 when every checked split is usable as it is, 2 otherwise, with what to fix.
 
     \b
     Examples:
-      benchmark data check -d cvusa -r /data/CVUSA --split test
+      benchmark data check -d cvusa -r /data/CVUSA
       benchmark data check -d cvact -r /data/CVACT --split test -o protocol=within_5m
       benchmark data check -d vigor -r /data/VIGOR -s test -o mode=cross_area --decode
     """
     from rich.table import Table
 
-    from gengeo_bench.datasets.checks import check_dataset, is_usable, summary_lines
+    from gengeo_bench import registry
+    from gengeo_bench.datasets.checks import split_verdict
 
-    ds = load_dataset(dataset, root, split, options)
+    if split is not None:
+        splits = [split]
+    else:
+        splits = list(getattr(registry.get("dataset", dataset).load(), "split_names", ["train"]))
+    usable_pairs: list[str] = []
+    unusable: list[str] = []
+    load_errors: dict[str, list[str]] = {}  # message -> the splits that raised it
+    for name in splits:
+        try:
+            ds = load_dataset(dataset, root, name, options)
+        except DataError as exc:
+            if split is not None:
+                raise  # one split asked for: the loader's message as it is
+            load_errors.setdefault(str(exc), []).append(name)
+            continue
+        report = check_split(ds, decode, no_size_check)
+        skipped = list(getattr(ds, "skipped_missing", []))
+        console.print(f"[bold]{dataset}[/bold] split {report.split} at {report.root}", highlight=False)
+        table = Table()
+        table.add_column("what")
+        table.add_column("count", justify="right")
+        for key, value in report.counts.items():
+            table.add_row(key, str(value))
+        table.add_row("missing", str(len(report.missing)))
+        table.add_row("unreadable", str(len(report.unreadable)))
+        table.add_row("wrong size", str(len(report.wrong_size)))
+        console.print(table)
+        ds_options = getattr(ds, "options", None)
+        options_used = ds_options() if callable(ds_options) else {}
+        if options_used:
+            console.print("options: " + ", ".join(f"{k}={v}" for k, v in options_used.items()))
+        console.print(f"content hash: {ds.manifest()['content_hash']}", highlight=False)
+        usable, lines = split_verdict(report, skipped, allow_missing_eval)
+        for line in lines:
+            console.print(f"- {line}", highlight=False, soft_wrap=True)
+        if usable:
+            usable_pairs.append(f"{name} {len(ds.pairs)} pairs")
+        else:
+            unusable.append(f"split {name} is not usable as it is: {' '.join(lines)}")
+    # One paragraph; a load error shared by several splits (no such root) is said once.
+    for message, names in load_errors.items():
+        unusable.append(f"split{'s' if len(names) > 1 else ''} {', '.join(names)}: {message}")
+    if unusable:
+        raise DataError(f"{dataset} at {root}: " + " ".join(unusable))
+    if split is not None:
+        console.print(f"[green]usable[/green]: {len(ds.pairs)} pairs.")
+    else:
+        console.print(f"[green]usable[/green]: {', '.join(usable_pairs)}.")
+
+
+def check_split(ds: Any, decode: bool, no_size_check: bool) -> Any:
+    """The CheckReport of one loaded split: its own `check()`, else the generic one."""
+    from gengeo_bench.datasets.checks import check_dataset
+
     if callable(getattr(ds, "check", None)):
         check = ds.check
     else:  # a dataset without its own check(): the generic one over its images
@@ -155,45 +227,19 @@ def check_command(
     def run(**wanted: Any) -> Any:  # pass only the options this check() accepts
         return check(**{k: v for k, v in wanted.items() if takes_any or k in params})
 
-    if decode:
-        from rich.progress import Progress
+    if not decode:
+        return run(decode=False, size_check=not no_size_check)
+    from rich.progress import Progress
 
-        views = ds.files_by_view() if hasattr(ds, "files_by_view") else {}
-        total = sum(len(files) for files in views.values()) or None
-        with Progress(console=err_console, transient=True) as bar:
-            task = bar.add_task("decoding images", total=total)
-            report = run(
-                decode=True,
-                size_check=not no_size_check,
-                progress=lambda n: bar.update(task, completed=n),
-            )
-    else:
-        report = run(decode=False, size_check=not no_size_check)
-
-    skipped = list(getattr(ds, "skipped_missing", []))
-    console.print(f"[bold]{dataset}[/bold] split {report.split} at {report.root}", highlight=False)
-    table = Table()
-    table.add_column("what")
-    table.add_column("count", justify="right")
-    for key, value in report.counts.items():
-        table.add_row(key, str(value))
-    table.add_row("missing", str(len(report.missing)))
-    table.add_row("unreadable", str(len(report.unreadable)))
-    table.add_row("wrong size", str(len(report.wrong_size)))
-    console.print(table)
-    ds_options = getattr(ds, "options", None)
-    options_used = ds_options() if callable(ds_options) else {}
-    if options_used:
-        console.print("options: " + ", ".join(f"{k}={v}" for k, v in options_used.items()))
-    console.print(f"content hash: {ds.manifest()['content_hash']}", highlight=False)
-    lines = summary_lines(report, skipped)
-    for line in lines:
-        console.print(f"- {line}", highlight=False, soft_wrap=True)
-    if is_usable(report, skipped):
-        console.print(f"[green]usable[/green]: {len(ds.pairs)} pairs.")
-        return
-    where = f"{dataset} {report.split} at {report.root}"
-    raise DataError(f"{where} is not usable as it is: " + " ".join(lines))
+    views = ds.files_by_view() if hasattr(ds, "files_by_view") else {}
+    total = sum(len(files) for files in views.values()) or None
+    with Progress(console=err_console, transient=True) as bar:
+        task = bar.add_task(f"decoding {ds.split} images", total=total)
+        return run(
+            decode=True,
+            size_check=not no_size_check,
+            progress=lambda n: bar.update(task, completed=n),
+        )
 
 
 @data.command("show")

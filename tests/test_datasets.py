@@ -469,6 +469,60 @@ def test_cli_check_missing_files_exit_2(tmp_path, monkeypatch, capsys):
     assert "streetview/panos/0000007.jpg" in err and "Re-extract" in err
 
 
+def test_cli_check_without_split_checks_every_split(tmp_path, monkeypatch, capsys):
+    # A tolerated gap (1 of 8 test files) that the training split never shows.
+    root = make_cvusa(tmp_path / "cvusa", real_sizes=True)
+    (root / "bingmap" / "19" / "0000009.jpg").unlink()
+    code, out, err = run_cli(["data", "check", "-d", "cvusa", "-r", str(root)], monkeypatch, capsys)
+    assert code == 2
+    assert "cvusa split train" in out and "cvusa split test" in out
+    assert f"cvusa at {root}: split test is not usable as it is" in err
+    assert "bingmap/19/0000009.jpg" in err and "comparable with published numbers" in err
+    assert "--allow-missing-eval" in err and "split train" not in err
+    code, out, err = run_cli(
+        ["data", "check", "-d", "cvusa", "-r", str(root), "--allow-missing-eval"], monkeypatch, capsys
+    )
+    assert code == 0, err
+    assert "1 missing file(s), their pairs skipped" in out and "bingmap/19/0000009.jpg" in out
+    assert "not comparable with published numbers" in out
+    assert "usable: train 6 pairs, test 3 pairs." in out
+
+
+def test_cli_check_missing_training_file_only_is_a_warning(tmp_path, monkeypatch, capsys):
+    root = make_cvusa(tmp_path / "cvusa", real_sizes=True)
+    (root / "streetview" / "panos" / "0000004.jpg").unlink()
+    code, out, err = run_cli(["data", "check", "-d", "cvusa", "-r", str(root)], monkeypatch, capsys)
+    assert code == 0, err
+    assert "cvusa split test" in out
+    assert "warning: 1 missing file(s), their pairs skipped" in out
+    assert "streetview/panos/0000004.jpg" in out
+    assert "usable: train 5 pairs, test 4 pairs." in out
+
+
+def test_cli_check_one_evaluation_split_with_a_missing_file(tmp_path, monkeypatch, capsys):
+    root = make_cvusa(tmp_path / "cvusa", real_sizes=True)
+    (root / "streetview" / "panos" / "0000008.jpg").unlink()
+    args = ["data", "check", "-d", "cvusa", "-r", str(root), "-s", "test"]
+    code, out, err = run_cli(args, monkeypatch, capsys)
+    assert code == 2 and "streetview/panos/0000008.jpg" in err and "comparable" in err
+    code, out, _ = run_cli([*args, "--allow-missing-eval"], monkeypatch, capsys)
+    assert code == 0 and "usable: 3 pairs." in out
+    code, out, _ = run_cli([*args[:-1], "train"], monkeypatch, capsys)
+    assert code == 0 and "usable: 6 pairs." in out
+
+
+def test_cli_check_every_cvact_split_and_load_errors_per_split(tmp_path, monkeypatch, capsys):
+    root = make_cvact(tmp_path / "cvact")
+    args = ["data", "check", "-d", "cvact", "-r", str(root), "--no-size-check"]
+    code, out, err = run_cli(args, monkeypatch, capsys)
+    assert code == 0, err
+    assert all(f"cvact split {s} at" in out for s in ("train", "val", "test"))
+    code, _, err = run_cli(["data", "check", "-d", "cvusa", "-r", str(tmp_path / "x")],
+                           monkeypatch, capsys)
+    # One failure shared by every split is reported once, naming the splits.
+    assert code == 2 and err.count("does not exist") == 1 and "splits train, test:" in err
+
+
 def test_cli_check_decode_truncated_exit_2(tmp_path, monkeypatch, capsys):
     root = make_cvusa(tmp_path / "cvusa")
     bad = root / "streetview" / "panos" / "0000009.jpg"
@@ -589,7 +643,7 @@ def test_cli_synth_calls_generate_lazily(tmp_path, monkeypatch, capsys):
 def test_cli_help_texts(monkeypatch, capsys):
     for command, words in (
         ([], "check"),
-        (["check"], "Exit status 0 when the split is usable"),
+        (["check"], "--allow-missing-eval"),
         (["show"], "ground image above its aerial tile"),
         (["synth"], "--layout"),
     ):

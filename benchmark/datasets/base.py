@@ -85,6 +85,9 @@ class CrossViewDataset:
     """Base class. Subclasses set `name`, fill `pairs` and implement `evaluation()`."""
 
     name = "dataset"
+    # Every split the loader can read; `benchmark data check` without --split checks
+    # them all. `train` is the training split, the others are evaluation splits.
+    split_names: tuple[str, ...] = ("train", "test")
 
     def __init__(self, root: str | Path, split: str = "train"):
         self.root = Path(root)

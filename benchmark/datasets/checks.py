@@ -11,7 +11,10 @@ Three things every loader needs, written once:
   image sizes against the registry's `meta.image_size` (`[height, width]` per view) for a
   small sample of files, or for every file with `decode=True`, which also fully decodes
   each image (PIL `verify()` then `load()`) to catch truncated or corrupt files.
-- **Formatting** (`summary_lines`, `is_usable`): the lines `benchmark data check` prints.
+- **Formatting** (`summary_lines`, `is_usable`, `split_verdict`): the lines and the
+  verdict `benchmark data check` prints. The training split tolerates a few missing files;
+  an evaluation split (every split but `train`) does not, since a missing query or
+  gallery image makes its results incomparable with published numbers.
 
 Existence is tested against one directory listing per folder (a set lookup per file),
 not one `stat` per file: a 92,802-pair split checks in about a second.
@@ -295,6 +298,35 @@ def is_usable(report: CheckReport, skipped: Iterable[Path] = ()) -> bool:
     if report.unreadable or report.wrong_size or report.problems:
         return False
     return set(report.missing) <= set(skipped)
+
+
+def is_evaluation_split(split: str) -> bool:
+    """Every split but `train` serves for evaluation (CVACT val and test, the test splits)."""
+    return split != "train"
+
+
+def split_verdict(
+    report: CheckReport, skipped: Iterable[Path] = (), allow_missing_eval: bool = False
+) -> tuple[bool, list[str]]:
+    """(usable, findings) of one split: `is_usable` and `summary_lines`, and in an
+    evaluation split any missing file, even one tolerated at load time, makes the split
+    unusable unless `allow_missing_eval`; the findings then say why."""
+    skipped = list(skipped)
+    usable = is_usable(report, skipped)
+    lines = summary_lines(report, skipped)
+    if not report.missing:
+        return usable, lines
+    if not is_evaluation_split(report.split):
+        if usable:  # then the only finding is the tolerated, skipped files: a warning
+            lines = [f"warning: {line}" for line in lines]
+        return usable, lines
+    why = (f"Split {report.split} serves for evaluation: with a missing query or gallery "
+           f"image its results are not comparable with published numbers")
+    if allow_missing_eval:
+        lines.append(f"warning: {why} (accepted by --allow-missing-eval).")
+        return usable, lines
+    lines.append(f"{why}; restore the file(s), or pass --allow-missing-eval to accept that.")
+    return False, lines
 
 
 def summary_lines(report: CheckReport, skipped: Iterable[Path] = ()) -> list[str]:

@@ -134,6 +134,7 @@ class CVACT(DiskDataset):
     """
 
     name = "cvact"
+    split_names = tuple(SPLITS)
 
     def __init__(
         self,

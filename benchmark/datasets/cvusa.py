@@ -83,6 +83,7 @@ class CVUSA(DiskDataset):
     """
 
     name = "cvusa"
+    split_names = tuple(SPLITS)
 
     def __init__(self, root: str, split: str = "train", splits: str = "19zl"):
         super().__init__(root, split)

@@ -181,6 +181,7 @@ class VIGOR(DiskDataset):
     """
 
     name = "vigor"
+    split_names = ("train", "test")  # in either mode
     tile_size = TILE  # offsets are pixels of the 640x640 tile as distributed
 
     def __init__(
