@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: quickstart test lint install
+.PHONY: quickstart test lint install postgres
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,9 +21,15 @@ install: $(STAMP)
 quickstart: $(STAMP)
 	$(BIN)/benchmark run --matrix studies/quickstart.yaml
 
-## The test suite (CPU, offline). CI runs exactly this.
-test: $(STAMP)
+## The test suite (CPU, offline). CI runs exactly this. The scale-out tests start a real
+## PostgreSQL server: its Debian package is installed first when it is missing.
+test: $(STAMP) postgres
 	$(BIN)/python -m pytest -q
+
+postgres:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null || \
+	  { apt-get update -qq && apt-get install -y -qq --no-install-recommends postgresql; } || \
+	  { echo "install PostgreSQL's server (Debian: apt-get install postgresql)"; exit 1; }
 
 lint: $(STAMP)
 	$(BIN)/ruff check benchmark backbones aggregators tests perf

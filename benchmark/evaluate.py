@@ -60,7 +60,7 @@ def iterate_images(
     dataset = ImageDataset(paths, pre, protocol=protocol, view=view)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                         collate_fn=collate)
-    with progress_bar(description or f"{view} images", total=len(loader)) as advance:
+    with progress_bar(description or f"{view} images", total=len(loader), final_line=False) as advance:
         for batch in loader:
             yield batch
             advance()

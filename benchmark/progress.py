@@ -78,10 +78,16 @@ def _duration(seconds: float) -> str:
 
 
 @contextlib.contextmanager
-def progress_bar(description: str, total: int | None) -> Iterator[Callable[..., None]]:
-    """Yield `advance(steps=1, **fields)`; fields (e.g. loss=0.31) show beside the bar or line."""
+def progress_bar(description: str, total: int | None, final_line: bool = True
+                 ) -> Iterator[Callable[..., None]]:
+    """Yield `advance(steps=1, **fields)`; fields (e.g. loss=0.31) show beside the bar or line.
+
+    `final_line=False`: without a terminal, print the closing line only when the work was
+    long enough to print progress lines (short steps, such as embedding a few images,
+    stay out of the log).
+    """
     if not is_terminal():
-        with _plain_lines(description, total) as advance:
+        with _plain_lines(description, total, final_line) as advance:
             yield advance
         return
     progress = Progress(
@@ -108,9 +114,9 @@ def progress_bar(description: str, total: int | None) -> Iterator[Callable[..., 
 
 
 @contextlib.contextmanager
-def _plain_lines(description: str, total: int | None) -> Iterator[Callable[..., None]]:
+def _plain_lines(description: str, total: int | None, final_line: bool) -> Iterator[Callable[..., None]]:
     start = last = time.monotonic()
-    done = 0
+    done = printed = 0
     latest: dict[str, object] = {}
     every = log_every()
 
@@ -128,13 +134,14 @@ def _plain_lines(description: str, total: int | None) -> Iterator[Callable[..., 
         return f"{description}: {', '.join(parts)}"
 
     def advance(steps: int = 1, **fields: float) -> None:
-        nonlocal done, last
+        nonlocal done, last, printed
         done += steps
         latest.update(fields)
         now = time.monotonic()
         if every and now - last >= every and (not total or done < total):
-            last = now
+            last, printed = now, printed + 1
             log_line(line(final=False))
 
     yield advance
-    log_line(line(final=True))
+    if final_line or printed:
+        log_line(line(final=True))

@@ -47,6 +47,12 @@ SERVER_HINT = (
 
 
 def _import_ray():
+    # Read when Ray is imported: a local instance binds to 127.0.0.1 (on Linux), and task
+    # output reaches the driver's log as it is (not merged across tasks, no colour codes).
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    if not progress.is_terminal():
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
     try:
         import ray
     except ImportError:
@@ -117,12 +123,12 @@ class Cluster:
                     run_id=run.info.run_id, worker=run.data.tags.get(tracking.WORKER, ""))
             else:
                 todo.append(mc)
-        task = ray.remote(cell_task).options(
-            num_cpus=resources.cpus_per_cell, num_gpus=resources.gpus_per_cell,
-            max_retries=MAX_RETRIES, retry_exceptions=False)
+        task = ray.remote(cell_task)
+        options = {"num_cpus": resources.cpus_per_cell, "num_gpus": resources.gpus_per_cell,
+                   "max_retries": MAX_RETRIES, "retry_exceptions": False}
         payload = asdict(ctx)
-        refs = {task.options(name=f"cell {mc.id}").remote(payload, mc.cell.model_dump(mode="json"),
-                                                          resources.cpus_per_cell): mc
+        refs = {task.options(name=f"cell {mc.id}", **options).remote(
+                    payload, mc.cell.model_dump(mode="json"), resources.cpus_per_cell): mc
                 for mc in todo}
         progress.log_line(f"ray: submitted {len(refs)} Cell task(s) to {self.address} "
                           f"({resources.gpus_per_cell:g} GPU, {resources.cpus_per_cell:g} CPU each); "
@@ -179,10 +185,10 @@ class Cluster:
                 f"cluster has nodes on other machines ({', '.join(self.hosts[:4])}). Use a "
                 f"PostgreSQL URL (--storage postgresql://USER:PW@DBHOST/optuna) or a journal file "
                 f"on shared storage (--storage journal:/shared/optuna.log).")
-        task = ray.remote(study_task).options(
-            num_cpus=resources.cpus_per_cell, num_gpus=resources.gpus_per_cell,
-            max_retries=MAX_RETRIES, retry_exceptions=False)
-        refs = [task.options(name=f"study {study.name} worker {i}").remote(
+        task = ray.remote(study_task)
+        options = {"num_cpus": resources.cpus_per_cell, "num_gpus": resources.gpus_per_cell,
+                   "max_retries": MAX_RETRIES, "retry_exceptions": False}
+        refs = [task.options(name=f"study {study.name} worker {i}", **options).remote(
                     study, n_trials, timeout, self.tracking_uri, device, runs_dir,
                     resources.cpus_per_cell) for i in range(workers)]
         progress.log_line(f"ray: {workers} Optuna worker(s) for study {study.name} on {self.address}")
@@ -201,7 +207,6 @@ def connect(address: str | None, tracking_uri: str) -> Cluster:
     node.
     """
     ray = _import_ray()
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     if not ray.is_initialized():
         kwargs: dict[str, Any] = {"log_to_driver": True, "configure_logging": False}
         try:
@@ -242,8 +247,9 @@ def cell_task(ctx_fields: dict[str, Any], cell_data: dict[str, Any], cpus: float
 
     _set_threads(cpus)
     ctx = runner.Context(**ctx_fields)
-    node = ray.util.get_node_ip_address()
-    ctx = replace(ctx, tags={**ctx.tags, runner.NODE: f"{node} ({socket.gethostname()})"},
+    node_id = ray.get_runtime_context().get_node_id()
+    address = next((n["NodeManagerAddress"] for n in ray.nodes() if n["NodeID"] == node_id), "?")
+    ctx = replace(ctx, tags={**ctx.tags, runner.NODE: f"{address} ({socket.gethostname()})"},
                   scheduled=True)
     if ctx.device is None:
         ctx = replace(ctx, device="cuda" if ray.get_gpu_ids() else "cpu")

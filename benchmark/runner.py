@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import os
 import socket
 import time
 from dataclasses import dataclass, field
@@ -41,9 +42,11 @@ console = progress.console()
 
 HEARTBEAT = "gengeo.heartbeat"
 NODE = "gengeo.node"  # the Ray node a Cell runs on
-HEARTBEAT_SECONDS = 30.0  # how often a running Cell says it is alive
-HEARTBEAT_GRACE = 120.0  # silence after which a RUNNING run on another host counts as dead
-WAIT_SECONDS = 10.0  # how often a worker looks again at Cells other workers hold
+# How often a running Cell says it is alive; the silence after which a RUNNING run on
+# another host counts as dead; how often a worker looks again at Cells others hold.
+HEARTBEAT_SECONDS = float(os.environ.get("GENGEO_HEARTBEAT_SECONDS", "30"))
+HEARTBEAT_GRACE = 4 * HEARTBEAT_SECONDS
+WAIT_SECONDS = float(os.environ.get("GENGEO_WAIT_SECONDS", "10"))
 
 # Outcome.status values, as the summary shows them.
 STATUS_TEXT = {
@@ -147,7 +150,8 @@ def run_one(ctx: Context, cell: Cell) -> Outcome:
             ended = (previous.info.end_time or 0) / 1000
             if is_done(previous):
                 status = "elsewhere" if ended >= ctx.started and by != me else "skipped"
-                return Outcome(cell.id, cell.name, status, 0.0,
+                took = max(0.0, ended - previous.info.start_time / 1000) if status == "elsewhere" else 0.0
+                return Outcome(cell.id, cell.name, status, took,
                                headline_metric(cell, previous.data.metrics),
                                run_id=previous.info.run_id, worker=by)
             if previous.info.status in ("FAILED", "KILLED") and ended >= ctx.started and by != me:

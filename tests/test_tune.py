@@ -379,3 +379,16 @@ def test_cli_unset_environment_variable_is_exit_2_without_traceback(tmp_path):
     assert "environment variable CVUSA_ROOT is not set" in " ".join(proc.stderr.split())
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "optuna.db").exists()  # nothing started
+
+
+def test_current_optuna_and_mlflow_releases_are_supported():
+    """Optuna 5 (September 2026) and MLflow 3 are what a fresh install takes."""
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+
+    wanted = {Requirement(r).name: Requirement(r) for r in metadata.requires("gengeo-bench")
+              if "extra ==" not in r}
+    assert "5.0.0" in wanted["optuna"].specifier and "3.17.2" in wanted["mlflow"].specifier
+    assert metadata.version("optuna") in wanted["optuna"].specifier
+    assert metadata.version("mlflow") in wanted["mlflow"].specifier
