@@ -1,0 +1,118 @@
+"""What scaling out costs and buys: the Ray executor and plain workers against the local runner.
+
+A matrix of 8 tiny Cells (resnet_tiny, a 120-pair synthetic world, 4 epochs, one torch
+thread each) runs, each time on a fresh MLflow store and runs folder (the world is
+generated once beforehand and not timed):
+
+- `local`: one `benchmark run` process (the baseline);
+- `ray x1`: `--executor ray` on a running 1-CPU Ray cluster (`ray start --head`, started
+  before the clock): one Cell at a time, so (wall - local wall) / 8 is the executor's
+  overhead per Cell (driver connection, task start, result collection);
+- `ray x2`: the same on a 2-CPU cluster, two Cells at once; wall(x1) / wall(x2) is the
+  speed-up from the second worker;
+- `2 plain workers`: two `benchmark run` processes on one store (claims), against `local`.
+
+Peak memory: the largest resident set of any one process of a run (the driver, a
+worker or a Ray task).
+
+    .venv/bin/python perf/bench_scaleout.py [--cells 8] [--epochs 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+from servers import RayHead, loopback_env  # noqa: E402  (the tests' real-server helpers)
+
+AGGREGATORS = ["gem", {"name": "gem", "whiten": 16}, {"name": "netvlad", "num_clusters": 4},
+               {"name": "netvlad", "num_clusters": 8},
+               {"name": "salad", "num_clusters": 4, "cluster_dim": 8, "token_dim": 8},
+               {"name": "salad", "num_clusters": 4, "cluster_dim": 8, "token_dim": 8, "dustbin": False},
+               {"name": "salad", "num_clusters": 4, "cluster_dim": 16, "token_dim": 16},
+               {"name": "salad", "num_clusters": 4, "cluster_dim": 16, "token_dim": 16, "dustbin": False}]
+
+
+def matrix(folder: Path, cells: int, epochs: int) -> Path:
+    data = {
+        "name": "scaleout",
+        "defaults": {"model": {"share_backbone": False},
+                     "train": {"epochs": epochs, "batch_size": 16, "val_fraction": 0.2},
+                     "evaluate": {"batch_size": 64}},
+        "datasets": {"city": {"name": "synthetic", "region": "grid_city", "pairs": 120, "seed": 0}},
+        "axes": {"backbone": ["resnet_tiny"], "aggregator": AGGREGATORS[:cells], "train_on": ["city"]},
+    }
+    path = folder / "scaleout.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def run(name: str, commands: list[list[str]], env: dict[str, str], root: Path) -> float:
+    """Start the commands together in a fresh folder; wall seconds until all have finished."""
+    folder = root / name.replace(" ", "_")
+    folder.mkdir()
+    start = time.perf_counter()
+    procs = [subprocess.Popen(c, cwd=folder, env=env, stdout=open(folder / f"{i}.log", "w"),
+                              stderr=subprocess.STDOUT) for i, c in enumerate(commands)]
+    codes = [p.wait() for p in procs]
+    wall = time.perf_counter() - start
+    if any(codes):
+        raise SystemExit(f"{name}: exit codes {codes}; logs in {folder}")
+    return wall
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--cells", type=int, default=8)
+    parser.add_argument("--epochs", type=int, default=4)
+    args = parser.parse_args()
+    root = Path(tempfile.mkdtemp(prefix="bench-scaleout-"))
+    env = loopback_env(GENGEO_CACHE=str(root / "cache"), OMP_NUM_THREADS="1", GENGEO_WAIT_SECONDS="1")
+    env.pop("MLFLOW_TRACKING_URI", None)
+    path = matrix(root, args.cells, args.epochs)
+    benchmark = [sys.executable, "-m", "gengeo_bench"]
+    # The world is generated (and imports warmed) by a run of one Cell, untimed.
+    warm = run("warm", [[*benchmark, "run", "--matrix", str(path), "--only", "*gem|city*",
+                         "--device", "cpu", "--no-report"]], env, root)
+    print(f"warm-up (world generation + one Cell): {warm:.1f} s")
+
+    common = ["run", "--matrix", str(path), "--device", "cpu", "--no-report"]
+    results: dict[str, float] = {}
+    results["local"] = run("local", [[*benchmark, *common]], env, root)
+    for cpus in (1, 2):
+        head = RayHead(root / f"ray{cpus}", cpus=cpus)
+        try:
+            results[f"ray x{cpus}"] = run(f"ray x{cpus}", [[*benchmark, *common, "--executor", "ray",
+                                                            "--ray-address", head.address,
+                                                            "--cpus-per-cell", "1"]], env, root)
+        finally:
+            head.stop()
+    results["2 plain workers"] = run("plain2", [[*benchmark, *common]] * 2, env, root)
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+
+    n = args.cells
+    print(f"\n{n} Cells, resnet_tiny, 120-pair world, {args.epochs} epochs, 1 thread per Cell "
+          f"({os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.2f})")
+    for name, wall in results.items():
+        print(f"  {name:<16} {wall:7.1f} s wall   {wall / n:5.2f} s per Cell")
+    print(f"Ray executor overhead per Cell (ray x1 - local) / {n}: "
+          f"{(results['ray x1'] - results['local']) / n:+.2f} s   (goal <= 2 s)")
+    print(f"second Ray worker: ray x1 / ray x2 = {results['ray x1'] / results['ray x2']:.2f}x   "
+          f"(goal >= 1.6x on 2 cores)")
+    print(f"two plain workers on one store: local / 2 workers = "
+          f"{results['local'] / results['2 plain workers']:.2f}x")
+    print(f"peak RSS of one process: {peak:.0f} MiB")
+
+
+if __name__ == "__main__":
+    main()
