@@ -128,6 +128,45 @@ def test_a_claim_excludes_other_processes_until_its_holder_dies(tmp_path):
     assert claim.acquire_probe() is True
 
 
+def test_dry_run_shows_cells_other_workers_hold(tmp_path, monkeypatch, capsys):
+    from gengeo_bench.cli import main as cli_main
+    from gengeo_bench.matrix import load_matrix
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    path = write_matrix(tmp_path, "held", CELLS_OF_THREE[:2])
+    cell_id = load_matrix(path).cells[1].id
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import time; from pathlib import Path; from gengeo_bench.claims import Claim; "
+        f"c = Claim(Path({str(tmp_path / 'runs' / 'held' / cell_id)!r})); assert c.acquire('gpu-box:77'); "
+        "print('held', flush=True); time.sleep(600)")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        monkeypatch.setattr(sys, "argv", ["benchmark", "run", "--matrix", str(path), "--dry-run"])
+        cli_main()
+    finally:
+        holder.kill()
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if cell_id in line)
+    assert "running (gpu-box:77)" in row
+    assert "new" in next(line for line in out.splitlines() if load_matrix(path).cells[0].id in line)
+    assert not (tmp_path / "mlflow.db").exists()  # a dry run creates no store
+
+
+def test_a_matrix_file_may_say_what_a_cell_asks_of_a_cluster(tmp_path):
+    from gengeo_bench.matrix import load_matrix
+
+    path = write_matrix(tmp_path, "res", ["gem"], resources={"gpus_per_cell": 1, "cpus_per_cell": 8})
+    matrix = load_matrix(path)
+    assert (matrix.resources.gpus_per_cell, matrix.resources.cpus_per_cell) == (1, 8)
+    plain = load_matrix(write_matrix(tmp_path, "plain", ["gem"]))
+    assert matrix.cells[0].id == plain.cells[0].id  # where a Cell runs is not what it is
+    for bad, field in (({"gpus_per_cell": -1}, "gpus_per_cell"), ({"cpus_per_cell": 0}, "cpus_per_cell"),
+                       ({"gpu": 1}, "gpu")):
+        with pytest.raises(ConfigError, match=rf"res.yaml: resources.{field}"):
+            load_matrix(write_matrix(tmp_path, "res", ["gem"], resources=bad))
+
+
 # --- plain workers on one store -----------------------------------------------------------
 
 
