@@ -58,7 +58,7 @@ def trials_table(optuna_study: optuna.Study):
 
 def markdown_table(df) -> str:
     """The trial table as Markdown: numbers shortened, missing values blank."""
-    from gengeo_bench.report import to_markdown
+    from gengeo_bench.report_tables import to_markdown
 
     def cell(v: Any) -> str:
         return "" if v is None or (isinstance(v, float) and math.isnan(v)) else fmt(v)

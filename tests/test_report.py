@@ -12,7 +12,7 @@ import pytest
 import yaml
 from mlflow.entities import Metric, Param
 
-from gengeo_bench import metrics, report, tracking
+from gengeo_bench import matrix, metrics, report, report_load, report_stats, report_tables, tracking
 from gengeo_bench.errors import ConfigError
 
 EXPERIMENT = "ablation_test"
@@ -142,7 +142,7 @@ def _csv(store, name):
 
 
 def test_load_runs_derived_columns_newest_wins_and_failed_left_out(store):
-    runs = report.load_runs(store["uri"], EXPERIMENT)
+    runs = report_load.load_runs(store["uri"], EXPERIMENT)
     assert len(runs) == len(CELLS)
     assert sorted(runs["method"]) == sorted(LABELS)
     row = runs.set_index("cell_id").loc[_cell_id(CELLS[0])]
@@ -159,17 +159,17 @@ def test_load_runs_derived_columns_newest_wins_and_failed_left_out(store):
 
 
 def test_method_label_names_other_differing_params(store):
-    runs = report.load_runs(store["uri"], "lrs")
+    runs = report_load.load_runs(store["uri"], "lrs")
     assert len(runs) == 3
     assert sorted(set(runs["method"])) == [f"{GEM} (train.lr=0.001)", f"{GEM} (train.lr=0.01)"]
     assert set(runs["aggregator_label"]) == {"gem (train.lr=0.001)", "gem (train.lr=0.01)"}
-    results = report.results_long(runs)
+    results = report_load.results_long(runs)
     assert len(results) == 2  # the two lr=0.001 cells are one method: the newer one counts
     newest = results.set_index("method").loc[f"{GEM} (train.lr=0.001)", "R1"]
     assert newest == 0.0  # its ranks are all 2 (the older one's are all 0)
-    assert report.aggregator_label("salad", "clusters", False) == "salad[clusters, no dustbin]"
-    assert report.aggregator_label("netvlad", "all", None) == "netvlad[all]"
-    assert report.aggregator_label("gem", "none", None) == "gem"
+    assert report_load.aggregator_label("salad", "clusters", False) == "salad[clusters, no dustbin]"
+    assert report_load.aggregator_label("netvlad", "all", None) == "netvlad[all]"
+    assert report_load.aggregator_label("gem", "none", None) == "gem"
 
 
 def test_transfer_table_means_stds_and_intervals(store):
@@ -184,7 +184,7 @@ def test_transfer_table_means_stds_and_intervals(store):
         assert row["n_seeds"] == 2
         assert row["R1_ci_source"] == "query bootstrap of seed-averaged hits"
         hits = np.stack([truth[i][(test, "none")] < 1 for i in (0, 1)])
-        lo, hi = report.seed_bootstrap_ci(hits)
+        lo, hi = report_stats.seed_bootstrap_ci(hits)
         assert (row["R1_ci_low"], row["R1_ci_high"]) == (pytest.approx(lo), pytest.approx(hi))
         assert lo <= row["R1_mean"] <= hi
     # one seed: no std, the logged interval
@@ -205,8 +205,8 @@ def test_transfer_table_means_stds_and_intervals(store):
 def test_seed_interval_does_not_shrink_for_duplicated_seeds():
     rng = np.random.default_rng(3)
     hits = rng.random(400) < 0.6
-    one = report.seed_bootstrap_ci(hits[None])
-    same = report.seed_bootstrap_ci(np.stack([hits, hits, hits]))
+    one = report_stats.seed_bootstrap_ci(hits[None])
+    same = report_stats.seed_bootstrap_ci(np.stack([hits, hits, hits]))
     pooled = metrics.bootstrap_ci(np.concatenate([hits, hits, hits]))
     width = one[1] - one[0]
     assert (same[1] - same[0]) == pytest.approx(width, rel=0.15)
@@ -259,11 +259,11 @@ def test_robustness_table(store):
 
 
 def test_baseline_matches_the_dustbin_default(store):
-    runs = report.load_runs(store["uri"], EXPERIMENT)
-    mask, why = report.baseline_mask(runs, {"aggregator.name": "salad", "aggregator.share": "none",
+    runs = report_load.load_runs(store["uri"], EXPERIMENT)
+    mask, why = report_stats.baseline_mask(runs, {"aggregator.name": "salad", "aggregator.share": "none",
                                             "aggregator.dustbin": "True"})
     assert not why and sorted(runs.loc[mask, "method"]) == [SALAD_NONE] * 3  # dustbin not logged
-    mask, _ = report.baseline_mask(runs, {"aggregator.dustbin": "false"})
+    mask, _ = report_stats.baseline_mask(runs, {"aggregator.dustbin": "false"})
     assert list(runs.loc[mask, "method"]) == [SALAD_NO_DUSTBIN]
 
 
@@ -291,7 +291,7 @@ def test_csv_round_trips_the_markdown_numbers(store):
     data = _csv(store, "results")
     md = (store["out"] / "results.md").read_text()
     for r in data.itertuples():
-        assert report.fmt(r.R1_mean, r.R1_std, r.R1_ci_low, r.R1_ci_high) in md
+        assert report_tables.fmt(r.R1_mean, r.R1_std, r.R1_ci_low, r.R1_ci_high) in md
     again = pd.read_csv(store["out"] / "results.csv")
     again.to_csv(store["tmp"] / "again.csv", index=False)
     pd.testing.assert_frame_equal(pd.read_csv(store["tmp"] / "again.csv"), data)
@@ -355,7 +355,7 @@ def test_unknown_baseline_key_is_explained(store):
 
 def test_unknown_experiment_and_no_finished_runs(store):
     with pytest.raises(ConfigError, match="no experiment named 'nope'.*benchmark run"):
-        report.load_runs(store["uri"], "nope")
+        report_load.load_runs(store["uri"], "nope")
     client = store["client"]
     exp_id = tracking.experiment_id(client, "empty", store["uri"])
     run = client.create_run(exp_id, tags={tracking.ROLE: "cell", tracking.CELL_ID: "x"})
@@ -365,19 +365,19 @@ def test_unknown_experiment_and_no_finished_runs(store):
 
 
 def test_baseline_params_from_axis_style():
-    assert report.baseline_params({"aggregator": {"name": "salad", "share": "none"}}) == {
+    assert matrix.baseline_params({"aggregator": {"name": "salad", "share": "none"}}) == {
         "aggregator.name": "salad", "aggregator.share": "none"}
-    assert report.baseline_params({"backbone": "dinov2_tiny", "aggregator.dustbin": False,
+    assert matrix.baseline_params({"backbone": "dinov2_tiny", "aggregator.dustbin": False,
                                    "train": {"lr": 0.001}}) == {
         "backbone.name": "dinov2_tiny", "aggregator.dustbin": "False", "train.lr": "0.001"}
-    assert report.baseline_params({"model": {"aggregator": "gem"}}) == {"aggregator.name": "gem"}
-    assert report.baseline_params({"train_on": "city", "share_backbone": False}) == {
+    assert matrix.baseline_params({"model": {"aggregator": "gem"}}) == {"aggregator.name": "gem"}
+    assert matrix.baseline_params({"train_on": "city", "share_backbone": False}) == {
         "train.dataset": "city", "share_backbone": "False"}
-    assert report.baseline_params(yaml.safe_load(
+    assert matrix.baseline_params(yaml.safe_load(
         "{aggregator: {name: salad, share: none, dustbin: true}}")) == {
         "aggregator.name": "salad", "aggregator.share": "none", "aggregator.dustbin": "True"}
     with pytest.raises(ConfigError, match="expected a mapping"):
-        report.baseline_params(["salad"])
+        matrix.baseline_params(["salad"])
 
 
 def test_report_command_reads_name_and_baseline(tmp_path, monkeypatch):
