@@ -17,16 +17,17 @@ import torch.nn.functional as F
 from pydantic import PositiveFloat, PositiveInt
 from torch import nn
 
-from gengeo_bench.features import Features
+from gengeo_bench.features import Aggregator, Features
 
 
-class GeM(nn.Module):
+class GeM(Aggregator):
     """Generalised-mean pooling over the patch map; `out_dim` = `in_dim` (or `whiten`)."""
 
     # No cluster-assignment space: `share: clusters` has nothing to tie.
     cluster_params: tuple[str, ...] = ()
 
-    # Value ranges live in the signature: the registry checks them when a config is read.
+    # `in_dim` comes from the backbone (the harness passes it). Value ranges live in the
+    # signature: the registry checks them when a config is read.
     def __init__(self, in_dim: PositiveInt, p: PositiveFloat = 3.0, eps: PositiveFloat = 1e-6,
                  whiten: PositiveInt | None = None) -> None:
         super().__init__()
@@ -42,6 +43,8 @@ class GeM(nn.Module):
         pooled = x.clamp(min=self.eps).pow(self.p).mean(dim=(2, 3)).pow(1.0 / self.p)
         if self.whiten is not None:
             pooled = self.whiten(F.normalize(pooled, p=2, dim=1))
+        # The model L2-normalises every head's output; the paper's descriptor is unit-norm
+        # too, so the module used on its own gives the same vector.
         return F.normalize(pooled, p=2, dim=1)
 
     def extra_repr(self) -> str:

@@ -24,10 +24,10 @@ import torch.nn.functional as F
 from pydantic import PositiveFloat, PositiveInt
 from torch import nn
 
-from gengeo_bench.features import Features
+from gengeo_bench.features import Aggregator, Features
 
 
-class NetVLAD(nn.Module):
+class NetVLAD(Aggregator):
     """NetVLAD pooling of the patch map; `out_dim` = num_clusters * (proj_dim or in_dim)."""
 
     # The cluster-assignment space, tied between the views under `share: clusters`.
@@ -69,6 +69,11 @@ class NetVLAD(nn.Module):
         if self.normalize_input:
             x = F.normalize(x, p=2, dim=1)
         return x
+
+    def assignments(self, features: Features) -> torch.Tensor:
+        """The soft assignment `[B, h*w, K]` of each patch to the clusters (rows sum to 1)."""
+        x = self._local(features.patches)
+        return self.assign(x).flatten(2).softmax(dim=1).transpose(1, 2)
 
     def forward(self, features: Features) -> torch.Tensor:
         x = self._local(features.patches)

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from pydantic import Field, PositiveInt
 from torch import nn
 
-from gengeo_bench.features import Features
+from gengeo_bench.features import Aggregator, Features
 
 
 def log_sinkhorn(
@@ -47,7 +47,7 @@ def log_sinkhorn(
     return scores + u.unsqueeze(2) + v.unsqueeze(1)
 
 
-class SALAD(nn.Module):
+class SALAD(Aggregator):
     """SALAD aggregation of a patch map and a global token."""
 
     # The cluster-assignment space, tied between the views under `share: clusters`;
@@ -121,6 +121,15 @@ class SALAD(nn.Module):
     def transport_plan(self, features: Features) -> torch.Tensor:
         """The plan `[B, m+1, n]` (dustbin row last) or `[B, m, n]` without a dustbin."""
         return self._plan(self.score(features.patches).flatten(2))
+
+    def assignments(self, features: Features) -> torch.Tensor:
+        """Each patch's mass per cluster, `[B, h*w, m(+1)]` (dustbin last): the plan's columns.
+
+        In the definition's units: every patch carries mass 1 (rows sum to 1), every
+        cluster receives 1 in total, and the dustbin the other n - m of the n patches'
+        mass, whatever its learned score (Sinkhorn's row scaling cancels a constant row).
+        """
+        return self.transport_plan(features).transpose(1, 2)
 
     def forward(self, features: Features) -> torch.Tensor:
         x = features.patches

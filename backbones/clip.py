@@ -149,7 +149,10 @@ class CLIPVisual(Backbone):
         visual.proj.requires_grad_(False)  # unused by the features
         self._what = what
 
-
+    @property
+    def blocks(self) -> list[nn.Module]:
+        """The transformer's residual blocks."""
+        return list(self.visual.transformer.resblocks)
 
     def _frozen_parts(self) -> list[nn.Module]:
         if self.trainable_blocks is None:

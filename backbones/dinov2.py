@@ -131,7 +131,10 @@ class DINOv2(Backbone):
             train_only(model, [*model.blocks[self.num_blocks - n :], model.norm] if n else [])
         self._what = what
 
-
+    @property
+    def blocks(self) -> list[nn.Module]:
+        """The transformer blocks."""
+        return list(self.model.blocks)
 
     def _frozen_parts(self) -> list[nn.Module]:
         if self.trainable_blocks is None:

@@ -117,7 +117,10 @@ class ResNet(Backbone):
         """The modules before layer1."""
         return [self.model.conv1, self.model.bn1, self.model.act1, self.model.maxpool]
 
-
+    @property
+    def blocks(self) -> list[nn.Module]:
+        """The four stages (what `trainable_blocks` counts)."""
+        return self.stages
 
     def _frozen_parts(self) -> list[nn.Module]:
         if self.trainable_blocks is None:

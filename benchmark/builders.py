@@ -42,7 +42,8 @@ def check_dataset(dataset: CrossViewDataset) -> None:
 
 
 def build_model(cell: Cell) -> CrossViewModel:
-    """The Cell's model, initialised from its seed."""
+    """The Cell's model, initialised from its seed, for its preprocessed image sizes."""
+    ground, aerial = preprocessing(cell)
     torch.manual_seed(cell.seed)
     m = cell.model
     return CrossViewModel(
@@ -51,6 +52,7 @@ def build_model(cell: Cell) -> CrossViewModel:
         aggregator_params=m.aggregator.params,
         share_backbone=m.share_backbone,
         share=m.aggregator.share,
+        image_size={"ground": ground.size, "aerial": aerial.size},
     )
 
 

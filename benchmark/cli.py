@@ -53,8 +53,10 @@ def _describe_plugin(kind: str, name: str) -> tuple[str, str]:
                 p = module.patch_size
                 dim = f"{module.out_dim} x {h // p}x{w // p} @ {h}x{w}"
             else:
-                module = registry.build(kind, name, in_dim=768)
-                dim = f"{module.out_dim} @ in_dim 768"
+                # DINOv2-B/14 at 322 x 322: 768 channels on a 23 x 23 grid.
+                grid = {"patch_grid": (23, 23)} if "patch_grid" in accepted else {}
+                module = registry.build(kind, name, in_dim=768, **grid)
+                dim = f"{module.out_dim} @ in_dim 768" + (", 23x23 patches" if grid else "")
     except Exception as exc:  # one odd plugin never hides the others
         return f"? ({type(exc).__name__}: {str(exc)[:80]})", "?"
     count = sum(p.numel() for p in module.parameters())
@@ -68,8 +70,9 @@ def list_plugins(kind: str | None) -> None:
 
     KIND narrows the table to backbones, aggregators or datasets. Backbone output is
     `channels x patch grid` at the default aerial size; aggregator output is measured at
-    in_dim 768 (DINOv2-B/14). Plugins come from registry.yaml and from installed packages
-    that declare the `gengeo_bench.plugins` entry-point group.
+    in_dim 768 (DINOv2-B/14), on a 23x23 patch grid for heads built for one grid.
+    Plugins come from registry.yaml and from installed packages that declare the
+    `gengeo_bench.plugins` entry-point group.
     """
     from rich.markup import escape
     from rich.table import Table
@@ -147,7 +150,18 @@ def train(cell_file: str, workdir: str | None, device: str | None, no_resume: bo
 
 @cli.command()
 @click.option("--checkpoint", required=True, type=click.Path(dir_okay=False, exists=True),
-              help="A best.pt or checkpoint.pt written by `benchmark train` or a matrix run.")
+              help="A best.pt or checkpoint.pt written by `benchmark train` or a matrix run "
+                   "(or, with --format sample4geo, a released Sample4Geo checkpoint).")
+@click.option("--format", "fmt", type=click.Choice(["gengeo", "sample4geo"]), default="gengeo",
+              show_default=True,
+              help="gengeo: a checkpoint of this harness (it records its Cell). sample4geo: "
+                   "Sample4Geo's release (a timm ConvNeXt under 'model.'), evaluated as "
+                   "convnext + avgpool, one network for both views.")
+@click.option("--backbone", default="convnext_base", show_default=True,
+              help="With --format sample4geo: the registered ConvNeXt entry the checkpoint fits.")
+@click.option("--image-size", "image_sizes", multiple=True, metavar="VIEW=HxW",
+              help="With --format sample4geo: a view's input size, e.g. --image-size ground=384x768 "
+                   "(VIGOR); default: the backbone's registry sizes.")
 @click.option("--dataset", required=True, help="Registered dataset name (see `benchmark list dataset`).")
 @click.option("--root", default=None, help="Dataset root folder (not needed for synthetic).")
 @click.option("--split", default="test", show_default=True, help="Which split to evaluate.")
@@ -157,28 +171,35 @@ def train(cell_file: str, workdir: str | None, device: str | None, no_resume: bo
               help="Robustness protocol(s): none, fov:90, fov:90:known, misalign:shift=20,rot=10.")
 @click.option("--device", default=None, help="cpu, cuda or cuda:N.")
 @click.option("--batch-size", default=64, show_default=True)
-def evaluate(checkpoint: str, dataset: str, root: str | None, split: str, options: tuple[str, ...],
-             protocols: tuple[str, ...], device: str | None, batch_size: int) -> None:
+def evaluate(checkpoint: str, fmt: str, backbone: str, image_sizes: tuple[str, ...], dataset: str,
+             root: str | None, split: str, options: tuple[str, ...], protocols: tuple[str, ...],
+             device: str | None, batch_size: int) -> None:
     """Evaluate a trained checkpoint on a dataset split and print R@1/5/10/1%.
 
-    Metrics follow FORMATS.md: ranks count gallery items scoring strictly higher than the
-    ground truth; R@K comes with a 95% bootstrap interval; per-query ranks are written
-    next to the checkpoint under eval/.
+    Metrics are defined in docs/metrics.md: ranks count gallery items scoring strictly
+    higher than the ground truth; R@K comes with a 95% bootstrap interval; per-query
+    ranks are written next to the checkpoint under eval/. With --format sample4geo a
+    published Sample4Geo model is measured under this harness's protocols.
     """
     from pathlib import Path
 
     import torch
     import yaml
 
-    from gengeo_bench.builders import build_model, default_device
+    from gengeo_bench.builders import build_model, default_device, preprocessing
     from gengeo_bench.config import DatasetRef, validate_cell
     from gengeo_bench.engine import evaluate_targets
     from gengeo_bench.errors import ConfigError
+    from gengeo_bench.model import import_sample4geo
 
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    if "cell_yaml" not in state:
-        raise ConfigError(f"{checkpoint}: not a GenGeo Bench checkpoint (no cell_yaml record).")
-    data = yaml.safe_load(state["cell_yaml"])
+    if fmt == "sample4geo":
+        data = _sample4geo_cell(Path(checkpoint).stem, backbone, image_sizes)
+    else:
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        if "cell_yaml" not in state:
+            raise ConfigError(f"{checkpoint}: not a GenGeo Bench checkpoint (no cell_yaml record); "
+                              f"for a released Sample4Geo checkpoint add --format sample4geo.")
+        data = yaml.safe_load(state["cell_yaml"])
     params = {}
     for text in options:
         key, sep, value = text.partition("=")
@@ -191,8 +212,13 @@ def evaluate(checkpoint: str, dataset: str, root: str | None, split: str, option
     data["evaluate"]["protocols"] = list(protocols)
     data["evaluate"]["batch_size"] = batch_size
     cell = validate_cell(data, "--dataset/--option/--protocol")
-    model = build_model(cell)
-    model.load_state_dict(state["model"])
+    if fmt == "sample4geo":
+        ground, aerial = preprocessing(cell)
+        model = import_sample4geo(checkpoint, backbone,
+                                  image_size={"ground": ground.size, "aerial": aerial.size})
+    else:
+        model = build_model(cell)
+        model.load_state_dict(state["model"])
     dev = torch.device(device) if device else default_device()
     model.to(dev)
     out = Path(checkpoint).parent / "eval" / dataset
@@ -201,6 +227,29 @@ def evaluate(checkpoint: str, dataset: str, root: str | None, split: str, option
     _metrics_table(f"{checkpoint} on {dataset} ({split})", metrics)
     for prefix, text in coverage.items():
         console.print(f"{prefix.replace('_eval', dataset)}: {text}")
+
+
+def _sample4geo_cell(name: str, backbone: str, image_sizes: tuple[str, ...]) -> dict:
+    """The Cell a Sample4Geo model is evaluated as: `backbone` + avgpool, one for both views."""
+    from gengeo_bench import registry
+    from gengeo_bench.errors import ConfigError
+
+    sizes = {view: list(hw) for view, hw in registry.meta("backbone", backbone)["image_size"].items()}
+    for text in image_sizes:
+        view, _, hw = text.partition("=")
+        h, _, w = hw.partition("x")
+        if view not in ("ground", "aerial") or not (h.isdigit() and w.isdigit()):
+            raise ConfigError(f"--image-size {text!r}: expected ground=HxW or aerial=HxW, "
+                              f"e.g. ground=384x768.")
+        sizes[view] = [int(h), int(w)]
+    return {
+        "name": f"sample4geo-{name}",
+        "model": {"backbone": {"name": backbone, "pretrained": False},
+                  "aggregator": {"name": "avgpool", "share": "all"}, "share_backbone": True},
+        "train": {"dataset": "_eval", "epochs": 0, "image_size": sizes},
+        "evaluate": {},
+        "datasets": {},
+    }
 
 
 EXECUTOR_HELP = ("local: this process runs the Cells (several processes may share a matrix); "

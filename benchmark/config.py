@@ -339,20 +339,51 @@ def validate_cell(data: Any, source: str, prefix: str = "") -> Cell:
         aggregator=AggregatorRef(name=m.aggregator.name, share=m.aggregator.share, **aggregator),
         share_backbone=m.share_backbone,
     )
-    problem = model_problem(model.model_dump_json())
+    sizes = view_sizes(m.backbone.name, cell.train.image_size)
+    problem = model_problem(model.model_dump_json(), tuple(sorted(sizes.items())))
     if problem:
         raise ConfigError(f"{source}: {at}model: {problem}")
+    if "patch_grid" in registry.parameter_names("aggregator", m.aggregator.name):
+        for i, text in enumerate(cell.evaluate.protocols):
+            protocol = Protocol.parse(text)
+            if protocol.kind == "fov" and protocol.fov < 360:
+                raise ConfigError(
+                    f"{source}: {at}evaluate.protocols[{i}]: aggregator '{m.aggregator.name}' is "
+                    f"built for one patch grid (it declares patch_grid), and '{protocol.name}' "
+                    f"narrows the panorama, hence its grid, at evaluation. Evaluate it without "
+                    f"fov protocols, or use an aggregator that takes any grid."
+                )
     return cell.model_copy(update={"model": model, "datasets": datasets})
 
 
+def view_sizes(backbone: str, image_size: ImageSize | None) -> dict[str, tuple[int, int]]:
+    """Each view's preprocessed `(height, width)`, as `builders.preprocessing` makes it.
+
+    `image_size` is the Cell's `train.image_size` (None: the backbone's registry sizes);
+    a view with neither is left out.
+    """
+    from gengeo_bench.transforms import Preprocess
+
+    meta = registry.meta("backbone", backbone)
+    sizes = {}
+    for view in ("ground", "aerial"):
+        given = getattr(image_size, view) if image_size is not None else None
+        if given is None and view not in (meta.get("image_size") or {}):
+            continue
+        sizes[view] = tuple(Preprocess.from_meta(meta, view, size=given).size)
+    return sizes
+
+
 @lru_cache(maxsize=512)
-def model_problem(model_json: str) -> str | None:
+def model_problem(model_json: str, image_size: tuple = ()) -> str | None:
     """Why the model section cannot be built, or None: every constructor check, before work.
 
     The model is built on PyTorch's meta device (no memory, no weights: `pretrained` and
     `weights` are switched off), so checks that need the architecture (e.g.
     `trainable_blocks` against the block count) run when the file is read, not after the
-    data is ready. Cached: a matrix builds each distinct model section once.
+    data is ready. `image_size` holds `(view, (height, width))` pairs (see `view_sizes`):
+    the patch grids that heads declaring `patch_grid` are built for. Cached: a matrix
+    builds each distinct model section once.
     """
     import torch
 
@@ -366,7 +397,8 @@ def model_problem(model_json: str) -> str | None:
             CrossViewModel(spec.backbone.name, spec.aggregator.name,
                            backbone_params={**spec.backbone.params, **offline},
                            aggregator_params=spec.aggregator.params,
-                           share_backbone=spec.share_backbone, share=spec.aggregator.share)
+                           share_backbone=spec.share_backbone, share=spec.aggregator.share,
+                           image_size=dict(image_size) or None)
     except BenchmarkError as exc:
         return str(exc)
     return None

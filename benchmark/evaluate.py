@@ -152,9 +152,9 @@ def backbone_key(model: CrossViewModel, view: str) -> str:
 
 
 @torch.inference_mode()
-def heads_on_features(head: torch.nn.Module, feats: dict[str, torch.Tensor], device: torch.device,
-                      batch_size: int = 256) -> torch.Tensor:
-    """Aggregator descriptors from cached backbone features."""
+def heads_on_features(model: CrossViewModel, view: str, feats: dict[str, torch.Tensor],
+                      device: torch.device, batch_size: int = 256) -> torch.Tensor:
+    """One view's (L2-normalised) descriptors from cached backbone features."""
     from gengeo_bench.features import Features
 
     out = []
@@ -162,8 +162,8 @@ def heads_on_features(head: torch.nn.Module, feats: dict[str, torch.Tensor], dev
         patches = feats["patches"][start:start + batch_size].to(device).float()
         cls = feats.get("cls")
         cls = None if cls is None else cls[start:start + batch_size].to(device).float()
-        out.append(head(Features(patches, cls)).float().cpu())
-    return torch.cat(out) if out else torch.zeros(0, head.out_dim)
+        out.append(model.aggregate(Features(patches, cls), view).float().cpu())
+    return torch.cat(out) if out else torch.zeros(0, model.out_dim)
 
 
 @dataclass
@@ -191,7 +191,7 @@ def describe_view(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Descriptors and ok flags of the queries (ground) or the gallery (aerial)."""
     paths = split.queries if view == "ground" else split.gallery
-    backbone, head = model.branch(view)
+    backbone, _ = model.branch(view)
     key = ""
     if descriptor_cache is not None:
         key = stable_hash({
@@ -207,7 +207,7 @@ def describe_view(
     if feature_bank is not None and not any(p.requires_grad for p in backbone.parameters()):
         feats = feature_bank.features(backbone, backbone_key(model, view), paths, pre, view,
                                       protocol, device, batch_size, num_workers, manifest_hash)
-        descriptors, ok = heads_on_features(head, feats, device), feats["ok"].bool()
+        descriptors, ok = heads_on_features(model, view, feats, device), feats["ok"].bool()
     else:
         out = embed_images(lambda x: model.embed(x, view), paths, pre, view, protocol, device,
                            batch_size, num_workers, amp, description=f"{view} descriptors")

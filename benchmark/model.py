@@ -14,14 +14,17 @@ the dustbin on.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from gengeo_bench import registry
 from gengeo_bench.errors import ConfigError, WeightsError
+from gengeo_bench.features import Features, check_aggregator
 
 Share = Literal["none", "clusters", "all"]
 SHARE_MODES = ("none", "clusters", "all")
@@ -46,7 +49,13 @@ class CrossViewModel(nn.Module):
     """Ground and aerial branches built from registry names.
 
     `embed(images, view)` returns L2-normalised descriptors `[B, D]`;
-    `forward(ground, aerial)` returns both.
+    `forward(ground, aerial)` returns both. The model normalises whatever a head returns
+    (see `features.Aggregator`), so every path (images, cached features) gives unit
+    vectors.
+
+    `image_size` is the `(height, width)` of each view's preprocessed input (default: the
+    backbone's registry `image_size`). With the backbone's `patch_size` it gives each
+    view's patch grid, which heads that declare `patch_grid` receive.
     """
 
     def __init__(
@@ -57,6 +66,7 @@ class CrossViewModel(nn.Module):
         aggregator_params: dict[str, Any] | None = None,
         share_backbone: bool = True,
         share: Share = "none",
+        image_size: Mapping[str, Sequence[int]] | None = None,
     ):
         super().__init__()
         check_share(aggregator, share)
@@ -71,19 +81,52 @@ class CrossViewModel(nn.Module):
         else:
             self.aerial_backbone = registry.build("backbone", backbone, **backbone_params)
 
+        if image_size is None:
+            image_size = registry.meta("backbone", backbone).get("image_size") or {}
+        patch = int(self.ground_backbone.patch_size)
+        self.patch_grid: dict[str, tuple[int, int]] = {
+            view: (int(image_size[view][0]) // patch, int(image_size[view][1]) // patch)
+            for view in VIEWS if view in image_size
+        }
+
         in_dim = self.ground_backbone.out_dim
-        self.ground_head = registry.build("aggregator", aggregator, in_dim=in_dim, **aggregator_params)
+        self.ground_head = self._build_head(in_dim, ("ground",) if share != "all" else VIEWS,
+                                            aggregator_params)
         if share == "all":
             self.aerial_head = self.ground_head
         else:
-            self.aerial_head = registry.build(
-                "aggregator", aggregator, in_dim=in_dim, **aggregator_params
-            )
+            self.aerial_head = self._build_head(in_dim, ("aerial",), aggregator_params)
         if share == "clusters":
             # The very same modules/parameters in both heads: one assignment space.
-            for name in type(self.ground_head).cluster_params:
+            for name in self.ground_head.cluster_params:
                 setattr(self.aerial_head, name, getattr(self.ground_head, name))
         self.out_dim = self.ground_head.out_dim
+
+    def _build_head(self, in_dim: int, views: tuple[str, ...], params: dict[str, Any]) -> nn.Module:
+        """One head serving `views`; the patch grid goes only to heads that declare it."""
+        name = self.aggregator_name
+        injected: dict[str, Any] = {"in_dim": in_dim}
+        if "patch_grid" in registry.parameter_names("aggregator", name):
+            missing = [v for v in views if v not in self.patch_grid]
+            if missing:
+                raise ConfigError(
+                    f"aggregator '{name}' needs the patch grid of the {' and '.join(missing)} "
+                    f"view, but backbone '{self.backbone_name}' declares no image_size for it: "
+                    f"set train.image_size."
+                )
+            grids = {self.patch_grid[v] for v in views}
+            if len(grids) > 1:
+                shown = ", ".join(f"{v} {self.patch_grid[v][0]}x{self.patch_grid[v][1]}" for v in views)
+                raise ConfigError(
+                    f"aggregator '{name}' is built for one patch grid (it declares patch_grid), "
+                    f"but with share: all one head serves both views, whose grids differ "
+                    f"({shown} patches). Use share: none (one head per view), or give both "
+                    f"views the same image size (train.image_size)."
+                )
+            injected["patch_grid"] = grids.pop()
+        head = registry.build("aggregator", name, **injected, **params)
+        check_aggregator(head, name)
+        return head
 
     def branch(self, view: str) -> tuple[nn.Module, nn.Module]:
         if view == "ground":
@@ -92,10 +135,15 @@ class CrossViewModel(nn.Module):
             return self.aerial_backbone, self.aerial_head
         raise ConfigError(f"view = {view!r}: expected 'ground' or 'aerial'.")
 
+    def aggregate(self, features: Features, view: str) -> torch.Tensor:
+        """L2-normalised descriptors `[B, D]` of one view's backbone features."""
+        _, head = self.branch(view)
+        return F.normalize(head(features), p=2, dim=-1)
+
     def embed(self, images: torch.Tensor, view: str) -> torch.Tensor:
         """L2-normalised descriptors `[B, D]` of one view's images."""
-        backbone, head = self.branch(view)
-        return head(backbone(images))
+        backbone, _ = self.branch(view)
+        return self.aggregate(backbone(images), view)
 
     def forward(self, ground: torch.Tensor, aerial: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.embed(ground, "ground"), self.embed(aerial, "aerial")
@@ -161,5 +209,48 @@ def import_dinov2_salad(
         share="all",
     )
     model.ground_backbone.load_weights(backbone_state, prefix="backbone.model.")
+    model.ground_head.load_state_dict(head_state)
+    return model
+
+
+def import_sample4geo(
+    path: str | Path,
+    backbone: str = "convnext_base",
+    backbone_params: dict[str, Any] | None = None,
+    image_size: Mapping[str, Sequence[int]] | None = None,
+) -> CrossViewModel:
+    """A `convnext_base` + `avgpool` model loaded from a released Sample4Geo checkpoint.
+
+    Sample4Geo (Deuser, Habel, Oswald, ICCV 2023) trains one timm network for both views,
+    saved as `model.*` (timm ConvNeXt keys) beside the loss's `logit_scale`. The network
+    is created with `num_classes=0`, so its output is the ConvNeXt's head without a
+    classifier: global average pooling, then the head's LayerNorm; its evaluation
+    L2-normalises that. Here the ConvNeXt is `backbone` (one for both views), and the
+    `avgpool` aggregator holds the head's LayerNorm (`model.head.norm.*`), one head for
+    both views; the model's normalisation is Sample4Geo's. `logit_scale` is not needed
+    for retrieval and is left out. A `module.` prefix (a checkpoint saved from
+    `DataParallel`) is removed. `backbone` may name a smaller ConvNeXt entry for tests.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"Sample4Geo checkpoint not found: {path}")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = state.get("state_dict", state)
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    network = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
+    head_state = {"norm." + k[len("head.norm."):]: v for k, v in network.items()
+                  if k.startswith("head.norm.")}
+    if not network or not head_state:
+        raise WeightsError(
+            f"{path}: expected a timm ConvNeXt under 'model.' with its head's LayerNorm "
+            f"('model.head.norm.weight'), as Sample4Geo saves it; found prefixes "
+            f"{sorted({k.split('.')[0] for k in state})}."
+        )
+    model = CrossViewModel(
+        backbone, "avgpool",
+        backbone_params={"pretrained": False, **(backbone_params or {})},
+        share_backbone=True, share="all", image_size=image_size,
+    )
+    model.ground_backbone.load_weights({k: v for k, v in network.items() if not k.startswith("head.")})
     model.ground_head.load_state_dict(head_state)
     return model

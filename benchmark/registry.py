@@ -11,8 +11,9 @@ one, or a path to such a YAML file).
 Parameters are checked against the target's signature and type hints when a config is
 loaded (`validate_params`), so a typo or a wrong type is a `ConfigError` naming the
 plugin and the parameter, not a crash deep inside a constructor. Parameters listed in
-`INJECTED` (such as an aggregator's `in_dim`, which comes from the backbone) are passed
-by the harness and may not be written in YAML.
+`INJECTED` are passed by the harness and may not be written in YAML: an aggregator's
+`in_dim` (from the backbone) and, for the heads that declare it, `patch_grid` (from the
+image sizes and the backbone's patch size; see `features.Aggregator`).
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ REGISTRY_FILE = _packaged_or_checkout("registry.yaml")
 STUDIES_DIR = _packaged_or_checkout("studies")
 
 # Parameters the harness supplies itself; a YAML file may not set them.
-INJECTED = {"aggregator": ("in_dim",), "backbone": (), "dataset": ()}
+INJECTED = {"aggregator": ("in_dim", "patch_grid"), "backbone": (), "dataset": ()}
 
 
 @dataclass(frozen=True)
@@ -235,7 +236,7 @@ def validate_params(
         if key in injected and not allow_injected:
             raise ConfigError(
                 f"{prefix}{kind} '{name}': parameter '{key}' is set by the harness "
-                f"(from the backbone); remove it from the config."
+                f"(from the backbone and the image sizes); remove it from the config."
             )
     merged = {**defaults(kind, name), **params}
     out: dict[str, Any] = {}

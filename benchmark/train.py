@@ -120,8 +120,8 @@ class TrainModule(nn.Module):
 
     def forward(self, batch: dict[str, Any]) -> torch.Tensor:
         if "ground_features" in batch:  # cached features of a frozen backbone
-            g = self.model.ground_head(batch["ground_features"])
-            a = self.model.aerial_head(batch["aerial_features"])
+            g = self.model.aggregate(batch["ground_features"], "ground")
+            a = self.model.aggregate(batch["aerial_features"], "aerial")
         else:
             g, a = self.model(batch["ground"], batch["aerial"])
         return self.loss(g, a)

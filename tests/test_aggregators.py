@@ -1,4 +1,8 @@
-"""Aggregators: GeM, NetVLAD, SALAD — values against direct computations and a reference."""
+"""Aggregators, each against a closed form or a restatement of its reference definition.
+
+The contract every registered aggregator meets (shapes, seeds, gradients, sharing) is
+checked in test_plugins.py; this file checks the values of each one.
+"""
 
 from __future__ import annotations
 
@@ -17,11 +21,7 @@ from gengeo_bench.errors import ConfigError
 from gengeo_bench.features import Features
 
 # Small sizes everywhere: the suite shares two CPU cores.
-SMALL = {
-    "gem": {},
-    "netvlad": {"num_clusters": 4},
-    "salad": {"num_clusters": 4, "cluster_dim": 8, "token_dim": 6},
-}
+SMALL_SALAD = {"num_clusters": 4, "cluster_dim": 8, "token_dim": 6}
 
 
 def features(b: int = 2, c: int = 16, h: int = 4, w: int = 5, cls: bool = True, seed: int = 0):
@@ -144,7 +144,7 @@ def test_netvlad_initialise_needs_enough_descriptors():
 
 
 def salad(**kw) -> SALAD:
-    params = {"in_dim": 16, **SMALL["salad"], **kw}
+    params = {"in_dim": 16, **SMALL_SALAD, **kw}
     return SALAD(**params).eval()
 
 
@@ -300,18 +300,7 @@ def test_salad_reproduces_reference(tmp_path):
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
 
 
-# ------------------------------------------------------------- registry, seeds, grads
-
-
-@pytest.mark.parametrize("name", ["gem", "netvlad", "salad"])
-def test_registry_builds_each(name):
-    model = registry.build("aggregator", name, in_dim=16, **SMALL[name])
-    out = model.eval()(features())
-    assert out.shape == (2, model.out_dim)
-    torch.testing.assert_close(out.norm(dim=1), torch.ones(2))
-    assert isinstance(type(model).cluster_params, tuple)
-    for attr in model.cluster_params:
-        assert isinstance(getattr(model, attr), (nn.Module, nn.Parameter))
+# ------------------------------------------------------------- registry values, variants
 
 
 @pytest.mark.parametrize("name", ["netvlad", "salad"])
@@ -325,42 +314,14 @@ def test_registry_rejects_bad_values():
         registry.build("aggregator", "salad", in_dim=16, dropout=1.5)
 
 
-@pytest.mark.parametrize("name", ["gem", "netvlad", "salad"])
-def test_deterministic_under_seed(name):
-    outs = []
-    for _ in range(2):
-        torch.manual_seed(7)
-        model = registry.build("aggregator", name, in_dim=16, **SMALL[name]).train()
-        outs.append(model(features()))  # train mode: dropout masks follow the seed too
-    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
-    torch.manual_seed(8)
-    other = registry.build("aggregator", name, in_dim=16, **SMALL[name]).train()(features())
-    if name != "gem":  # GeM has no random weights
-        assert not torch.allclose(outs[0], other)
-
-
-@pytest.mark.parametrize(
-    "name,extra",
-    [
-        ("gem", {}),
-        ("netvlad", {}),
-        ("netvlad", {"proj_dim": 6}),
-        ("salad", {}),
-        ("salad", {"dustbin": False}),
-    ],
-)
-def test_gradients_reach_all_parameters(name, extra):
+@pytest.mark.parametrize("name,extra", [("netvlad", {"proj_dim": 6}), ("salad", {"dustbin": False})])
+def test_gradients_reach_all_parameters_of_variants(name, extra):
     torch.manual_seed(0)
-    model = registry.build("aggregator", name, in_dim=16, **SMALL[name], **extra).train()
-    feats = features()
-    feats.patches.requires_grad_(True)
-    out = model(feats)
-    # A loss that depends on every output coordinate non-uniformly.
+    model = registry.build("aggregator", name, in_dim=16, num_clusters=4, **extra).train()
+    out = model(features())
     (out * torch.randn_like(out)).sum().backward()
     for pname, param in model.named_parameters():
-        assert param.grad is not None, pname
-        assert param.grad.abs().sum() > 0, pname
-    assert feats.patches.grad.abs().sum() > 0
+        assert param.grad is not None and param.grad.abs().sum() > 0, pname
 
 
 def test_gem_learned_whitening_is_a_linear_map_of_the_normalised_pooling():
@@ -373,3 +334,233 @@ def test_gem_learned_whitening_is_a_linear_map_of_the_normalised_pooling():
     feats = Features(torch.rand(3, 6, 2, 2) + 0.1, None)
     expected = torch.nn.functional.normalize(white.whiten(plain(feats)), dim=1)
     torch.testing.assert_close(white(feats), expected)
+
+
+# ----------------------------------------------------------------- assignments (SALAD, NetVLAD)
+
+
+def test_salad_assignments_are_the_plan_per_patch_in_the_definitions_units():
+    torch.manual_seed(0)
+    n, m = 20, 4
+    model = salad(sinkhorn_iters=50)
+    feats = features()
+    a = model.assignments(feats)
+    assert a.shape == (2, n, m + 1)
+    torch.testing.assert_close(a, model.transport_plan(feats).transpose(1, 2))
+    torch.testing.assert_close(a.sum(dim=2), torch.ones(2, n))  # each patch: mass 1
+    mass = a.sum(dim=1)  # per cluster, over the patches
+    torch.testing.assert_close(mass[:, :m], torch.ones(2, m), rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(mass[:, m] / n, torch.full((2,), (n - m) / n), rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("dust_score", [1e4, -30.0])
+def test_salad_dustbin_mass_is_fixed_by_the_marginals_not_by_its_score(dust_score):
+    """The reference definition's marginals give each cluster a total mass of 1, so the
+    dustbin holds (n - m) of the n patches' mass. Its score is one constant for every
+    patch, which Sinkhorn's first row scaling cancels exactly: a huge (or tiny) dustbin
+    score leaves the plan unchanged, and the learned `dust_bin` gets no gradient."""
+    torch.manual_seed(0)
+    n, m = 20, 4
+    model = salad()  # the default 3 iterations
+    feats = features()
+    before = model.assignments(feats)
+    with torch.no_grad():
+        model.dust_bin.fill_(dust_score)
+    after = model.assignments(feats)
+    torch.testing.assert_close(after, before, rtol=0, atol=1e-4)
+    torch.testing.assert_close(after[..., m].sum(dim=1) / n, torch.full((2,), (n - m) / n),
+                               rtol=2e-2, atol=0)
+    out = model(feats)
+    (out * torch.randn_like(out)).sum().backward()
+    assert model.dust_bin.grad.abs() < 1e-6
+
+
+def test_salad_without_dustbin_gives_each_cluster_n_over_m():
+    torch.manual_seed(0)
+    n, m = 20, 4
+    a = salad(dustbin=False, sinkhorn_iters=50).assignments(features())
+    assert a.shape == (2, n, m)
+    torch.testing.assert_close(a.sum(dim=2), torch.ones(2, n))
+    torch.testing.assert_close(a.sum(dim=1), torch.full((2, m), n / m), rtol=1e-3, atol=1e-3)
+
+
+def test_netvlad_assignments_are_the_softmax_over_normalised_centroids():
+    torch.manual_seed(0)
+    vlad = NetVLAD(in_dim=16, num_clusters=4, alpha=7.0)
+    feats = features()
+    x = F.normalize(feats.patches, dim=1).flatten(2).transpose(1, 2)  # [B, N, C]
+    expected = (7.0 * x @ F.normalize(vlad.centroids, dim=1).T).softmax(dim=2)
+    torch.testing.assert_close(vlad.assignments(feats), expected)
+
+
+# --------------------------------------------------------------------------- MixVPR
+
+
+def mixvpr(**kw):
+    from gengeo_bench.aggregators.mixvpr import MixVPR
+
+    params = {"in_dim": 12, "patch_grid": (3, 4), "out_channels": 6, "mix_depth": 2,
+              "out_rows": 3, **kw}
+    return MixVPR(**params).eval()
+
+
+def ref_layer_norm(z, ln):
+    mean = z.mean(dim=-1, keepdim=True)
+    var = ((z - mean) ** 2).mean(dim=-1, keepdim=True)
+    return (z - mean) / torch.sqrt(var + ln.eps) * ln.weight + ln.bias
+
+
+def ref_mixvpr(head, patches):
+    """The paper's equations with the module's weights: mixers over the h*w positions of
+    each channel row, then the channel and row projections, flattened channel-major."""
+    z = patches.flatten(2)  # [B, C, n]
+    for layer in head.mix:
+        ln, fc1, fc2 = layer.mix[0], layer.mix[1], layer.mix[3]
+        hidden = torch.relu(ref_layer_norm(z, ln) @ fc1.weight.T + fc1.bias)
+        z = z + hidden @ fc2.weight.T + fc2.bias
+    z = torch.einsum("bcn,oc->bon", z, head.channel_proj.weight) + head.channel_proj.bias[:, None]
+    z = torch.einsum("bon,rn->bor", z, head.row_proj.weight) + head.row_proj.bias
+    flat = torch.stack([z[:, o, r] for o in range(z.shape[1]) for r in range(z.shape[2])], dim=1)
+    return F.normalize(flat, dim=1)
+
+
+def test_mixvpr_matches_its_equations():
+    torch.manual_seed(0)
+    head = mixvpr(mlp_ratio=2.0)
+    with torch.no_grad():  # trained-like LayerNorm affine, so it is checked too
+        for layer in head.mix:
+            layer.mix[0].weight.normal_()
+            layer.mix[0].bias.normal_()
+    feats = features(c=12, h=3, w=4)
+    assert head.out_dim == 18
+    torch.testing.assert_close(head(feats), ref_mixvpr(head, feats.patches))
+    assert head.mix[0].mix[1].weight.shape == (24, 12)  # n * mlp_ratio hidden units
+
+
+def test_mixvpr_state_dict_has_the_release_keys_and_init():
+    head = mixvpr(mix_depth=1)
+    assert set(head.state_dict()) == {
+        "mix.0.mix.0.weight", "mix.0.mix.0.bias", "mix.0.mix.1.weight", "mix.0.mix.1.bias",
+        "mix.0.mix.3.weight", "mix.0.mix.3.bias", "channel_proj.weight", "channel_proj.bias",
+        "row_proj.weight", "row_proj.bias",
+    }
+    big = mixvpr(patch_grid=(20, 20), mix_depth=1).mix[0].mix[1]
+    assert big.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    assert torch.equal(big.bias, torch.zeros_like(big.bias))
+
+
+def test_mixvpr_refuses_another_grid():
+    with pytest.raises(ConfigError, match="built for a 3x4 patch grid and got 3x5"):
+        mixvpr()(features(c=12, h=3, w=5))
+
+
+def test_mixvpr_without_mixers_is_two_projections():
+    torch.manual_seed(0)
+    head = mixvpr(mix_depth=0)
+    feats = features(c=12, h=3, w=4)
+    x = feats.patches.flatten(2)  # [B, C, n]
+    z = head.row_proj(head.channel_proj(x.transpose(1, 2)).transpose(1, 2))
+    torch.testing.assert_close(head(feats), F.normalize(z.flatten(1), dim=1))
+
+
+# --------------------------------------------------------------------------- BoQ
+
+
+def boq(**kw):
+    from gengeo_bench.aggregators.boq import BoQ
+
+    params = {"in_dim": 12, "proj_channels": 16, "num_queries": 3, "num_layers": 2, "row_dim": 5,
+              "num_heads": 2, **kw}
+    return BoQ(**params).eval()
+
+
+def ref_attention(query, source, attn, heads):
+    """Multi-head scaled dot-product attention written out with the module's weights."""
+    d = query.shape[-1]
+    w, b = attn.in_proj_weight, attn.in_proj_bias
+    q, k, v = (x @ w[i * d:(i + 1) * d].T + b[i * d:(i + 1) * d]
+               for i, x in enumerate((query, source, source)))
+
+    def split(t):
+        return t.reshape(t.shape[0], t.shape[1], heads, d // heads).transpose(1, 2)
+
+    q, k, v = split(q), split(k), split(v)
+    weights = (q @ k.transpose(-1, -2) / math.sqrt(d // heads)).softmax(dim=-1)
+    out = (weights @ v).transpose(1, 2).reshape(query.shape)
+    return out @ attn.out_proj.weight.T + attn.out_proj.bias
+
+
+def ref_boq(head, patches, heads):
+    """The paper's BoQ: 3x3 projection, then per block a post-norm encoder layer on the
+    tokens and learned queries that self-attend, then read the tokens; the stacked query
+    outputs are mixed over the query axis and flattened channel-major."""
+    x = F.conv2d(patches, head.proj_c.weight, head.proj_c.bias, padding=1)
+    x = ref_layer_norm(x.flatten(2).transpose(1, 2), head.norm_input)
+    outs = []
+    for block in head.boqs:
+        enc = block.encoder
+        x = ref_layer_norm(x + ref_attention(x, x, enc.self_attn, heads), enc.norm1)
+        ff = torch.relu(x @ enc.linear1.weight.T + enc.linear1.bias) @ enc.linear2.weight.T
+        x = ref_layer_norm(x + ff + enc.linear2.bias, enc.norm2)
+        q = block.queries.expand(x.shape[0], -1, -1)
+        q = ref_layer_norm(q + ref_attention(q, q, block.self_attn, heads), block.norm_q)
+        outs.append(ref_layer_norm(ref_attention(q, x, block.cross_attn, heads), block.norm_out))
+    stacked = torch.cat(outs, dim=1)  # [B, L*Q, D]
+    rows = torch.einsum("bqd,rq->bdr", stacked, head.fc.weight) + head.fc.bias
+    return F.normalize(rows.reshape(rows.shape[0], -1), dim=1)
+
+
+def test_boq_matches_its_equations():
+    torch.manual_seed(0)
+    head = boq()
+    feats = features(c=12, h=3, w=4)
+    assert head.out_dim == 16 * 5
+    with torch.no_grad():
+        torch.testing.assert_close(head(feats), ref_boq(head, feats.patches, heads=2),
+                                   rtol=1e-4, atol=1e-5)
+        # Any grid: the queries attend over however many tokens there are.
+        other = features(c=12, h=2, w=7)
+        torch.testing.assert_close(head(other), ref_boq(head, other.patches, heads=2),
+                                   rtol=1e-4, atol=1e-5)
+
+
+def test_boq_state_dict_has_the_release_layout():
+    head = boq()
+    keys = set(head.state_dict())
+    for key in ("proj_c.weight", "norm_input.weight", "boqs.0.encoder.self_attn.in_proj_weight",
+                "boqs.0.encoder.linear1.weight", "boqs.0.encoder.norm2.bias", "boqs.0.queries",
+                "boqs.1.self_attn.out_proj.weight", "boqs.1.norm_q.weight",
+                "boqs.1.cross_attn.in_proj_bias", "boqs.1.norm_out.bias", "fc.weight", "fc.bias"):
+        assert key in keys, key
+    assert head.proj_c.weight.shape == (16, 12, 3, 3)
+    assert head.boqs[0].encoder.linear1.weight.shape == (64, 16)  # feed-forward width 4 D
+    assert head.boqs[0].queries.shape == (1, 3, 16)
+    assert head.fc.weight.shape == (5, 6)  # num_layers * num_queries -> row_dim
+    assert boq(proj_channels=128, num_heads=None).boqs[0].cross_attn.num_heads == 2  # D / 64
+
+
+def test_boq_heads_must_divide_the_width():
+    with pytest.raises(ConfigError, match="divisible by num_heads"):
+        boq(proj_channels=16, num_heads=3)
+    with pytest.raises(ConfigError, match="set num_heads"):
+        boq(proj_channels=16, num_heads=None)  # 16 / 64 = 0 heads
+
+
+# --------------------------------------------------------------------------- avgpool
+
+
+def test_avgpool_is_layernorm_of_the_mean():
+    from gengeo_bench.aggregators.avgpool import AvgPool
+
+    torch.manual_seed(0)
+    head = AvgPool(in_dim=16).eval()
+    with torch.no_grad():
+        head.norm.weight.normal_()
+        head.norm.bias.normal_()
+    feats = features()
+    mean = feats.patches.mean(dim=(2, 3))
+    expected = F.normalize(ref_layer_norm(mean, head.norm), dim=1)
+    torch.testing.assert_close(head(feats), expected)
+    assert set(head.state_dict()) == {"norm.weight", "norm.bias"} and head.norm.eps == 1e-6
+    plain = AvgPool(in_dim=16, norm=False)
+    torch.testing.assert_close(plain(feats), F.normalize(mean, dim=1))

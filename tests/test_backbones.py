@@ -22,7 +22,23 @@ from gengeo_bench.backbones.resnet import ResNet
 from gengeo_bench.errors import ConfigError, WeightsError
 from gengeo_bench.registry import build, get, meta, names
 
-BACKBONES = names("backbone")
+# Parameter names of block i, of what follows the last block, and never-trained extras,
+# for the families this file checks in detail (every registered backbone, these and any
+# other, also runs the generated tests of tests/test_plugins.py).
+BLOCK_PARAMS = {
+    "dinov2": ("model.blocks.{}.", ("model.norm.",), ()),
+    "clip": ("visual.transformer.resblocks.{}.", ("visual.ln_post.",), ("visual.proj",)),
+    "resnet": ("model.layer{}.", (), ()),
+    "convnext": ("model.stages.{}.", (), ()),
+}
+STAGE_OFFSET = {"resnet": 1}  # timm's layer1..layer4
+
+
+def family(name: str) -> str:
+    return meta("backbone", name)["family"]
+
+
+BACKBONES = [n for n in names("backbone") if family(n) in BLOCK_PARAMS]
 TINY = [
     n for n in BACKBONES if str(meta("backbone", n)["weights_licence"]).startswith("random init")
 ]
@@ -42,18 +58,8 @@ WIDTH_BY_ARCH = {
     "ViT-L-14": 1024,
     "resnet50": 2048,
     "resnet18": 512,
+    "convnext_base.fb_in22k_ft_in1k_384": 1024,
 }
-
-# Parameter names of block i, of what follows the last block, and never-trained extras.
-BLOCK_PARAMS = {
-    "dinov2": ("model.blocks.{}.", ("model.norm.",), ()),
-    "clip": ("visual.transformer.resblocks.{}.", ("visual.ln_post.",), ("visual.proj",)),
-    "resnet": ("model.layer{}.", (), ()),
-}
-
-
-def family(name: str) -> str:
-    return meta("backbone", name)["family"]
 
 
 def tiny(name: str, seed: int = 0, **params):
@@ -70,37 +76,12 @@ def images(height: int, width: int, batch: int = 2, seed: int = 0) -> torch.Tens
 
 
 def test_registry_has_tiny_and_full_variants_of_each_family():
-    assert {family(n) for n in TINY} == {"dinov2", "clip", "resnet"}
-    assert {family(n) for n in FULL} == {"dinov2", "clip", "resnet"}
+    assert {family(n) for n in TINY} == set(BLOCK_PARAMS)
+    assert {family(n) for n in FULL} == set(BLOCK_PARAMS)
 
 
 # --------------------------------------------------------------------------- the contract
-
-
-@pytest.mark.parametrize("name", TINY)
-def test_declared_contract_matches_registry_meta(name):
-    model = tiny(name)
-    info = meta("backbone", name)
-    assert model.patch_size == info["patch_size"]
-    assert model.mean == pytest.approx(tuple(info["mean"]))
-    assert model.std == pytest.approx(tuple(info["std"]))
-    assert model.trainable_blocks is None and model.is_frozen is False
-
-
-@pytest.mark.parametrize("name", TINY)
-@pytest.mark.parametrize("view", ["aerial", "ground"])  # square and 1:2 panorama
-def test_output_shapes(name, view):
-    model = tiny(name)
-    height, width = sizes(name)[view]
-    with torch.no_grad():
-        out = model(images(height, width))
-    p = model.patch_size
-    assert out.patches.shape == (2, model.out_dim, height // p, width // p)
-    assert torch.isfinite(out.patches).all()
-    if family(name) == "resnet":
-        assert out.cls is None
-    else:
-        assert out.cls.shape == (2, model.out_dim)
+# (shapes, determinism and the meta record are checked for every entry in test_plugins.py)
 
 
 @pytest.mark.parametrize("name", TINY)
@@ -110,15 +91,6 @@ def test_other_sizes_than_the_registered_ones(name):
     with torch.no_grad():
         out = model(images(3 * p, 7 * p, batch=1))
     assert out.patches.shape == (1, model.out_dim, 3, 7)
-
-
-@pytest.mark.parametrize("name", TINY)
-def test_deterministic_under_a_seed(name):
-    x = images(*sizes(name)["aerial"])
-    with torch.no_grad():
-        a, b, c = (tiny(name, seed=s)(x).patches for s in (0, 0, 1))
-    assert torch.equal(a, b)
-    assert not torch.allclose(a, c)
 
 
 @pytest.mark.parametrize("name", TINY)
@@ -138,7 +110,7 @@ def expected_trainable(model, name: str, trainable_blocks: int | None) -> set[st
     if trainable_blocks is None:
         return every
     first = model.num_blocks - trainable_blocks
-    offset = 1 if family(name) == "resnet" else 0  # layer1..layer4
+    offset = STAGE_OFFSET.get(family(name), 0)
     prefixes = [block.format(i + offset) for i in range(first, model.num_blocks)]
     prefixes += list(after) if trainable_blocks else []
     return {n for n in every if n.startswith(tuple(prefixes))} if prefixes else set()
@@ -167,11 +139,7 @@ def test_gradients_reach_exactly_the_trainable_parameters(name, trainable_blocks
 @pytest.mark.parametrize("name", TINY)
 def test_frozen_blocks_keep_no_activations_for_backward(name):
     model = tiny(name, trainable_blocks=1).train()
-    blocks = {
-        "dinov2": lambda m: m.model.blocks,
-        "clip": lambda m: m.visual.transformer.resblocks,
-        "resnet": lambda m: m.stages,
-    }[family(name)](model)
+    blocks = model.blocks
     tracked: list[bool] = []
     hooks = [
         b.register_forward_hook(lambda m, i, o: tracked.append(o.requires_grad)) for b in blocks
@@ -246,6 +214,22 @@ def test_clip_position_embeddings_are_interpolated_for_panoramas():
     # a constant grid stays constant: bicubic interpolation, not something else
     flat = torch.ones(1 + 64, 4)
     assert torch.allclose(resample_position_embedding(flat, (8, 8), (8, 16)), torch.ones(129, 4))
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_class_token_only_for_transformers(name):
+    with torch.no_grad():
+        out = tiny(name)(images(*sizes(name)["aerial"]))
+    assert (out.cls is None) == (family(name) in ("resnet", "convnext"))
+
+
+def test_convnext_patches_are_timm_forward_features():
+    model = tiny("convnext_tiny")
+    x = images(64, 128)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).patches, model.model.forward_features(x))
+    # The classifier head (pooling, LayerNorm) is not the backbone's: see avgpool.
+    assert not any(k.startswith("model.head.") for k in model.state_dict())
 
 
 def test_resnet_patches_are_the_last_stage_map():
