@@ -1,6 +1,6 @@
 """Exact retrieval metrics with bounded memory, confidence intervals and paired tests.
 
-Definitions (see FORMATS.md): similarity is the inner product of L2-normalised
+Definitions (docs/metrics.md): similarity is the inner product of L2-normalised
 descriptors; a query's rank is the number of gallery items scoring *strictly* higher
 than its ground truth (ties count in the query's favour); `R{K}` = 100 x mean(rank < K);
 `R1pct` uses K = max(1, floor(0.01 x gallery size)); VIGOR's `hit_rate` = 100 x share of

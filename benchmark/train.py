@@ -1,6 +1,6 @@
 """Training one Cell: contrastive learning of the two-view model, checkpoints, resume, DDP.
 
-The recipe (FORMATS.md, "Training recipe knobs"): symmetric InfoNCE over the batch
+The recipe (docs/training.md): symmetric InfoNCE over the batch
 (ground->aerial and aerial->ground) with a learnable logit scale initialised to
 log(1/temperature) and label smoothing; AdamW with one learning rate for the backbone and
 one for the head; linear warm-up then cosine decay per step; bf16 autocast on GPUs that
