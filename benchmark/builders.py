@@ -2,6 +2,8 @@
 
 `engine.run_cell`, `benchmark evaluate` and the benchmarks under perf/ build what they
 need here, so a Cell means the same thing on every path; `train.py` holds training only.
+A checkpoint records its Cell (`cell_yaml`): `checkpoint_model` rebuilds the model from it
+and points its evaluation at one dataset split (`benchmark evaluate`, `benchmark explain`).
 """
 
 from __future__ import annotations
@@ -11,12 +13,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 from gengeo_bench import registry
 from gengeo_bench.cache import TensorCache
-from gengeo_bench.config import Cell, DatasetRef
+from gengeo_bench.config import Cell, DatasetRef, validate_cell
 from gengeo_bench.datasets.base import CrossViewDataset
-from gengeo_bench.errors import DataError
+from gengeo_bench.errors import ConfigError, DataError
 from gengeo_bench.model import CrossViewModel
 from gengeo_bench.transforms import Preprocess
 
@@ -86,3 +89,51 @@ def load_weights(model: CrossViewModel, path: Path) -> dict[str, Any]:
 def descriptor_cache() -> TensorCache:
     """The cache of evaluation descriptors (see cache.py for its keys)."""
     return TensorCache("descriptors")
+
+
+# The dataset key of the one target a re-targeted checkpoint is evaluated on.
+EVAL_KEY = "_eval"
+
+
+def read_checkpoint(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the Cell a checkpoint was trained as, as a dict; the checkpoint's whole record)."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if "cell_yaml" not in state:
+        raise ConfigError(f"{path}: not a GenGeo Bench checkpoint (no cell_yaml record); for a "
+                          f"released Sample4Geo checkpoint: benchmark evaluate --format sample4geo.")
+    return yaml.safe_load(state["cell_yaml"]), state
+
+
+def retarget_cell(data: dict[str, Any], dataset: str, root: str | None = None, split: str = "test",
+                  options: tuple[str, ...] = (), protocols: tuple[str, ...] = ("none",),
+                  batch_size: int = 64) -> Cell:
+    """The Cell `data`, evaluated on one split of one dataset instead of its own targets.
+
+    The dataset becomes the only target, under the key `EVAL_KEY`; `options` are loader
+    options as `KEY=VALUE` strings (values read as YAML: `pairs=300`, `corrected=true`).
+    """
+    params = {}
+    for text in options:
+        key, sep, value = text.partition("=")
+        if not sep:
+            raise ConfigError(f"--option {text!r}: expected KEY=VALUE.")
+        params[key] = yaml.safe_load(value)
+    data = dict(data)
+    data["datasets"] = {**data.get("datasets", {}), EVAL_KEY: DatasetRef(
+        name=dataset, root=root, test_split=split, train_split=split, **params).model_dump()}
+    data["evaluate"] = {**data.get("evaluate", {}), "targets": [EVAL_KEY],
+                        "protocols": list(protocols), "batch_size": batch_size}
+    return validate_cell(data, "--dataset/--option/--protocol")
+
+
+def checkpoint_model(checkpoint: str | Path, dataset: str, root: str | None = None,
+                     split: str = "test", options: tuple[str, ...] = (),
+                     protocols: tuple[str, ...] = ("none",),
+                     batch_size: int = 64) -> tuple[Cell, CrossViewModel]:
+    """A checkpoint's Cell re-targeted to one dataset split (`retarget_cell`), and its
+    model with the checkpoint's weights (on the CPU)."""
+    data, state = read_checkpoint(checkpoint)
+    cell = retarget_cell(data, dataset, root, split, options, protocols, batch_size)
+    model = build_model(cell)
+    model.load_state_dict(state["model"])
+    return cell, model

@@ -184,49 +184,34 @@ def evaluate(checkpoint: str, fmt: str, backbone: str, image_sizes: tuple[str, .
     from pathlib import Path
 
     import torch
-    import yaml
 
-    from gengeo_bench.builders import build_model, default_device, preprocessing
-    from gengeo_bench.config import DatasetRef, validate_cell
+    from gengeo_bench.builders import (
+        EVAL_KEY,
+        checkpoint_model,
+        default_device,
+        preprocessing,
+        retarget_cell,
+    )
     from gengeo_bench.engine import evaluate_targets
-    from gengeo_bench.errors import ConfigError
     from gengeo_bench.model import import_sample4geo
 
     if fmt == "sample4geo":
-        data = _sample4geo_cell(Path(checkpoint).stem, backbone, image_sizes)
-    else:
-        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-        if "cell_yaml" not in state:
-            raise ConfigError(f"{checkpoint}: not a GenGeo Bench checkpoint (no cell_yaml record); "
-                              f"for a released Sample4Geo checkpoint add --format sample4geo.")
-        data = yaml.safe_load(state["cell_yaml"])
-    params = {}
-    for text in options:
-        key, sep, value = text.partition("=")
-        if not sep:
-            raise ConfigError(f"--option {text!r}: expected KEY=VALUE.")
-        params[key] = yaml.safe_load(value)
-    data["datasets"]["_eval"] = DatasetRef(name=dataset, root=root, test_split=split,
-                                           train_split=split, **params).model_dump()
-    data["evaluate"]["targets"] = ["_eval"]
-    data["evaluate"]["protocols"] = list(protocols)
-    data["evaluate"]["batch_size"] = batch_size
-    cell = validate_cell(data, "--dataset/--option/--protocol")
-    if fmt == "sample4geo":
+        cell = retarget_cell(_sample4geo_cell(Path(checkpoint).stem, backbone, image_sizes),
+                             dataset, root, split, options, protocols, batch_size)
         ground, aerial = preprocessing(cell)
         model = import_sample4geo(checkpoint, backbone,
                                   image_size={"ground": ground.size, "aerial": aerial.size})
     else:
-        model = build_model(cell)
-        model.load_state_dict(state["model"])
+        cell, model = checkpoint_model(checkpoint, dataset, root, split, options, protocols,
+                                       batch_size)
     dev = torch.device(device) if device else default_device()
     model.to(dev)
     out = Path(checkpoint).parent / "eval" / dataset
     metrics, _, _, coverage = evaluate_targets(cell, model, dev, out, feature_bank=None)
-    metrics = {k.replace("test/_eval", f"test/{dataset}"): v for k, v in metrics.items()}
+    metrics = {k.replace(f"test/{EVAL_KEY}", f"test/{dataset}"): v for k, v in metrics.items()}
     _metrics_table(f"{checkpoint} on {dataset} ({split})", metrics)
     for prefix, text in coverage.items():
-        console.print(f"{prefix.replace('_eval', dataset)}: {text}")
+        console.print(f"{prefix.replace(EVAL_KEY, dataset)}: {text}")
 
 
 def _sample4geo_cell(name: str, backbone: str, image_sizes: tuple[str, ...]) -> dict:
