@@ -237,6 +237,57 @@ def _sample4geo_cell(name: str, backbone: str, image_sizes: tuple[str, ...]) -> 
     }
 
 
+@cli.command()
+@click.option("--checkpoint", required=True, type=click.Path(dir_okay=False, exists=True),
+              help="A best.pt or checkpoint.pt written by `benchmark train` or a matrix run.")
+@click.option("--dataset", required=True, help="Registered dataset name (see `benchmark list dataset`).")
+@click.option("--root", default=None, help="Dataset root folder (not needed for synthetic).")
+@click.option("--split", default="test", show_default=True, help="Which split to look at.")
+@click.option("--option", "options", multiple=True, metavar="KEY=VALUE",
+              help="Loader option, e.g. --option region=suburb.")
+@click.option("--protocol", default="none", show_default=True,
+              help="One robustness protocol: none, fov:90, misalign:shift=20,rot=10.")
+@click.option("--pairs", default=4, show_default=True, type=click.IntRange(min=1),
+              help="Pairs drawn in the assignment maps (the numbers use at least 32).")
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Folder for the figures and explain.json.")
+@click.option("--device", default=None, help="cpu, cuda or cuda:N.")
+@click.option("--batch-size", default=64, show_default=True)
+def explain(checkpoint: str, dataset: str, root: str | None, split: str, options: tuple[str, ...],
+            protocol: str, pairs: int, out: str, device: str | None, batch_size: int) -> None:
+    """Look inside a model: assignment maps, the dustbin measured, retrieval galleries.
+
+    For aggregators with clusters (SALAD, NetVLAD): per pair, the panorama and its aerial
+    tile with each patch in its cluster's colour (one palette for both views) and the
+    dustbin's share per patch; how often each view uses each cluster; with one-view masks
+    (masks/ beside the images) the dustbin's mass on one-view content against its share of
+    the image; with CVUSA's annotations, the dustbin's mass per class. For every
+    aggregator: queries with their top-5 tiles, successes and failures. Writes PNGs and
+    explain.json (see benchmark/explain.py) into OUT.
+    """
+    from pathlib import Path
+
+    from gengeo_bench.explain import explain as run_explain
+
+    summary = run_explain(checkpoint, dataset, Path(out), root=root, split=split, options=options,
+                          protocol=protocol, pairs=pairs, device=device, batch_size=batch_size)
+    console.print(f"{summary['method']} on {dataset} ({split}, {summary['protocol']}): "
+                  f"R@1 {summary['retrieval']['R1']:.2f}", markup=False, highlight=False)
+    numbers = summary.get("assignments")
+    if numbers is None:
+        console.print(summary["note"], markup=False, highlight=False)
+    elif numbers.get("dustbin"):
+        dustbin = numbers["dustbin"]
+        line = f"dustbin: {dustbin['mean_share']['both']:.1f}% of the mass"
+        both = (dustbin.get("unmatched") or {}).get("both")
+        if both:
+            line += (f"; {both['dustbin_on_unmatched']:.1f}% of it on one-view patches, which are "
+                     f"{both['unmatched_base_rate']:.1f}% of the patches")
+        console.print(line, markup=False, highlight=False)
+    for name in [*summary["figures"].values(), "explain.json"]:
+        console.print(f"  {Path(out) / name}", markup=False, highlight=False)
+
+
 EXECUTOR_HELP = ("local: this process runs the Cells (several processes may share a matrix); "
                  "ray: one Ray task per Cell.")
 RAY_ADDRESS_HELP = ("With --executor ray: 'auto' or HOST:PORT joins a running cluster "

@@ -1,0 +1,336 @@
+"""The figures of `benchmark explain`: assignment maps, cluster usage, retrieval galleries.
+
+Drawn on matplotlib's Agg backend (never pyplot), from plain records (`ViewSample`,
+`GalleryRow`) that `explain.py` and the report fill, so tests can check what a figure
+shows without reading pixels. Images keep their aspect ratio: panels are sized by it.
+One palette serves every figure of a model: cluster k has the same colour on the ground
+and from above, in the maps and under the usage bars.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+TOP_K = 5
+FOUND, MISSED = "#1a9641", "#d7191c"  # green / red frames of the ground truth
+# Greys for the two views, so that no bar takes a cluster's colour.
+VIEW_COLOURS = {"ground": "#3a3a3a", "aerial": "#b0b0b0"}
+MASK_COLOUR = "#00e5ff"
+
+
+@dataclass
+class ViewSample:
+    """One image of one view as the head saw it, and what the head did with its patches."""
+
+    view: str
+    path: Path
+    index: int  # the image's index in its list (queries or gallery)
+    image: np.ndarray  # [H, W, 3] in 0..1: the model input, denormalised
+    assign: np.ndarray | None  # [h, w, K]: each patch's mass per cluster (dustbin last)
+    one_view: np.ndarray | None = None  # [H, W]: share of each pixel only this view shows
+    one_view_share: np.ndarray | None = None  # [h, w]: the same per patch
+    classes: np.ndarray | None = None  # [h, w]: each patch's majority annotation class
+
+    def strongest(self, m: int) -> np.ndarray:
+        """`[h, w]`: each patch's strongest cluster, the dustbin left out."""
+        return self.assign[..., :m].argmax(axis=-1)
+
+
+@dataclass
+class GalleryTile:
+    path: Path
+    id: str
+    score: float
+    positive: bool
+
+
+@dataclass
+class GalleryRow:
+    """One query, its top-k tiles and its ground truth, as one row of a gallery."""
+
+    query: Path
+    query_id: str
+    rank: int
+    tiles: list[GalleryTile]
+    gt: GalleryTile
+    label: str = ""  # which model retrieved this row (discordant galleries show two)
+    query_image: np.ndarray | None = field(default=None, repr=False)  # as the model saw it
+
+    @property
+    def found(self) -> bool:
+        return 0 <= self.rank < TOP_K
+
+    @property
+    def frame(self) -> str:
+        """The ground truth's frame colour: green when found in the top k, red otherwise."""
+        return FOUND if self.found else MISSED
+
+    @property
+    def gt_slot(self) -> int | None:
+        """Where the ground truth sits among the tiles, or None (then it is drawn after them)."""
+        for i, tile in enumerate(self.tiles):
+            if tile.id == self.gt.id:
+                return i
+        return None
+
+
+def _figure(width: float, height: float):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def palette(m: int) -> np.ndarray:
+    """`[m, 3]` RGB in 0..1: tab10 / tab20 for few clusters, evenly spaced hues beyond."""
+    from matplotlib import colormaps
+
+    if m <= 10:
+        return np.asarray(colormaps["tab10"].colors[:m])
+    if m <= 20:
+        return np.asarray(colormaps["tab20"].colors[:m])
+    import seaborn as sns
+
+    return np.asarray(sns.color_palette("husl", m))
+
+
+def _cluster_colourbar(fig, cax, m: int, colours: np.ndarray) -> None:
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import BoundaryNorm, ListedColormap
+
+    mappable = ScalarMappable(BoundaryNorm(np.arange(m + 1) - 0.5, m), ListedColormap(colours))
+    bar = fig.colorbar(mappable, cax=cax, orientation="horizontal",
+                       ticks=np.arange(0, m, max(1, math.ceil(m / 16))))
+    bar.set_label("cluster index (its colour in the cluster rows)")
+
+
+def _patch_extent(image: np.ndarray) -> tuple[float, float, float, float]:
+    h, w = image.shape[:2]
+    return (0.0, float(w), float(h), 0.0)
+
+
+def _grid_lines(ax, image: np.ndarray, grid: tuple[int, int]) -> None:
+    """Thin lines between patches, when there are few enough to see them."""
+    gh, gw = grid
+    if gh * gw > 400:
+        return
+    h, w = image.shape[:2]
+    for r in range(1, gh):
+        ax.axhline(r * h / gh, color="white", linewidth=0.4, alpha=0.6)
+    for c in range(1, gw):
+        ax.axvline(c * w / gw, color="white", linewidth=0.4, alpha=0.6)
+
+
+def _clean(ax) -> None:
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def _outline_mask(ax, sample: ViewSample) -> None:
+    """The outline of the content only this view shows, when the image has a mask."""
+    mask = sample.one_view
+    if mask is not None and mask.max() > 0 and mask.min() < 1:
+        h, w = mask.shape
+        ax.contour(np.arange(w) + 0.5, np.arange(h) + 0.5, mask, levels=[0.5],
+                   colors=MASK_COLOUR, linewidths=1.0)
+
+
+def _draw_clusters(ax, sample: ViewSample, m: int, colours: np.ndarray) -> None:
+    """The image in grey (so that only clusters carry colour), each patch tinted by its
+    strongest cluster."""
+    strongest = sample.strongest(m)
+    overlay = np.concatenate([colours[strongest], np.full((*strongest.shape, 1), 0.62)], axis=-1)
+    extent = _patch_extent(sample.image)
+    ax.imshow(sample.image.mean(axis=-1), cmap="gray", vmin=0, vmax=1, extent=extent)
+    ax.imshow(overlay, extent=extent, interpolation="nearest")
+    _grid_lines(ax, sample.image, strongest.shape)
+    _outline_mask(ax, sample)
+    _clean(ax)
+
+
+def _draw_dustbin(ax, sample: ViewSample):
+    extent = _patch_extent(sample.image)
+    ax.imshow(sample.image.mean(axis=-1), cmap="gray", vmin=0, vmax=1, extent=extent)
+    shown = ax.imshow(sample.assign[..., -1], cmap="magma", vmin=0, vmax=1, alpha=0.72,
+                      extent=extent, interpolation="nearest")
+    _outline_mask(ax, sample)
+    _clean(ax)
+    return shown
+
+
+def _dustbin_caption(sample: ViewSample, what: str, compact: bool) -> str:
+    """The dustbin row's title: its mean share, and with a mask its mass on one-view patches."""
+    bins = sample.assign[..., -1]
+    text = f"{what}: dustbin share per patch, mean {100 * bins.mean():.0f}%"
+    if compact:
+        text = f"{what}: dustbin, mean {100 * bins.mean():.0f}%"
+    if sample.one_view_share is not None:
+        flags = sample.one_view_share > 0.5
+        if flags.any() and bins.sum() > 0:
+            on, base = 100 * bins[flags].sum() / bins.sum(), 100 * flags.mean()
+            text += (f"\none-view: {on:.0f}% of mass, {base:.0f}% of patches" if compact else
+                     f"\n{on:.0f}% of its mass on one-view patches ({base:.0f}% of patches)")
+        else:
+            text += "\nno one-view patches"
+    return text
+
+
+def assignment_figure(pairs: list[tuple[ViewSample, ViewSample]], m: int, dustbin: bool,
+                      title: str, note: str, path: Path, numbers: dict[str, Any] | None = None):
+    """Per pair: the panorama and its aerial tile, each patch in its strongest cluster's
+    colour over the image; with a dustbin, a second row of each patch's dustbin share
+    (the one-view mask's outline over it, when there is a mask). Scales at the bottom."""
+    import textwrap
+
+    ground, aerial = pairs[0]
+    ratio_g = ground.image.shape[1] / ground.image.shape[0]
+    ratio_a = aerial.image.shape[1] / aerial.image.shape[0]
+    rows = len(pairs) * (2 if dustbin else 1)
+    panel_h = min(2.3, 11.0 / (ratio_g + ratio_a))
+    width = max(8.0, panel_h * (ratio_g + ratio_a) + 0.8)
+    fig = _figure(width, panel_h * rows + 0.55 * rows + 2.2)
+    panels, scales = fig.subfigures(2, 1, height_ratios=[panel_h * rows + 0.55 * rows + 1.0, 1.2])
+    axes = panels.subplots(rows, 2, squeeze=False, gridspec_kw={"width_ratios": [ratio_g, ratio_a]})
+    colours = palette(m)
+    shown = None
+    for i, (g, a) in enumerate(pairs):
+        top = axes[i * (2 if dustbin else 1)]
+        _draw_clusters(top[0], g, m, colours)
+        _draw_clusters(top[1], a, m, colours)
+        top[0].set_title(f"pair {g.path.stem}: ground panorama, strongest cluster per patch",
+                         fontsize="small")
+        top[1].set_title("its aerial tile", fontsize="small")
+        top[0].set_ylabel("clusters", fontsize="small")
+        if dustbin:
+            low = axes[i * 2 + 1]
+            shown = _draw_dustbin(low[0], g)
+            _draw_dustbin(low[1], a)
+            low[0].set_title(_dustbin_caption(g, "ground", ratio_g < 2 * ratio_a), fontsize="small")
+            low[1].set_title(_dustbin_caption(a, "aerial", True), fontsize="small")
+            low[0].set_ylabel("dustbin", fontsize="small")
+    bars = scales.subplots(1, 2 if dustbin else 1, squeeze=False)[0]
+    _cluster_colourbar(fig, bars[0], m, colours)
+    if shown is not None:
+        bar = fig.colorbar(shown, cax=bars[1], orientation="horizontal")
+        bar.set_label("dustbin share of the patch's mass (dustbin rows)")
+    if any(s.one_view is not None for pair in pairs for s in pair):
+        from matplotlib.lines import Line2D
+
+        scales.legend([Line2D([], [], color=MASK_COLOUR, linewidth=1.5)],
+                      ["outline: content only this view shows (one-view mask)"],
+                      loc="outside lower center", fontsize="small", frameon=False)
+    summary = ""
+    if numbers and numbers.get("dustbin"):
+        both = (numbers["dustbin"].get("unmatched") or {}).get("both")
+        summary = (f"Over {numbers.get('pairs_measured', len(pairs))} pairs the dustbin takes "
+                   f"{numbers['dustbin']['mean_share']['both']:.0f}% of the mass")
+        if both:
+            summary += (f", {both['dustbin_on_unmatched']:.0f}% of it on one-view patches, which are "
+                        f"{both['unmatched_base_rate']:.0f}% of the patches")
+        summary += "."
+    wrap = max(60, int(width * 11))
+    text = "\n".join(textwrap.fill(part, wrap) for part in (title, note, summary) if part)
+    fig.suptitle(text, fontsize="medium")
+    fig.savefig(path, dpi=110)
+    return fig
+
+
+def usage_figure(numbers: dict[str, Any], title: str, note: str, path: Path):
+    """Per cluster, the share of each view's patches whose strongest cluster it is; a
+    strip of the maps' palette under the bars; clusters only one view uses marked."""
+    m = numbers["num_clusters"]
+    usage = numbers["cluster_usage"]
+    colours = palette(m)
+    import textwrap
+
+    width = max(8.0, 0.42 * m + 2.5)
+    fig = _figure(width, 4.6)
+    ax, strip = fig.subplots(2, 1, gridspec_kw={"height_ratios": [12, 1]}, sharex=True)
+    x = np.arange(m)
+    top = max(max(usage["ground"]), max(usage["aerial"]), 1.0)
+    for offset, view in ((-0.2, "ground"), (0.2, "aerial")):
+        ax.bar(x + offset, usage[view], width=0.4, color=VIEW_COLOURS[view], label=view)
+    for view, clusters in numbers["clusters_one_view_only"].items():
+        for k in clusters:
+            ax.text(k, top * 1.04, f"{view}\nonly", ha="center", va="bottom", color=MISSED,
+                    fontsize="x-small")
+    ax.set_ylim(0, top * 1.22)
+    ax.set_ylabel("patches whose strongest\ncluster is k (%)")
+    ax.legend(title="view", fontsize="small")
+    wrap = int(width * 11)
+    ax.set_title("\n".join(textwrap.fill(part, wrap) for part in (title, note)), fontsize="medium")
+    strip.imshow(colours[None], aspect="auto", extent=(-0.5, m - 0.5, 0, 1))
+    strip.set_yticks([])
+    strip.set_xticks(x if m <= 32 else x[::max(1, m // 16)])
+    strip.set_xlabel("cluster k (strip: its colour in the assignment maps)")
+    fig.savefig(path, dpi=110)
+    return fig
+
+
+def _thumbnail(path: Path, longest: int = 320) -> np.ndarray:
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+        im.thumbnail((longest * 4, longest))  # panoramas keep their width
+        return np.asarray(im)
+
+
+def _frame(ax, colour: str | None, width: float = 4.0) -> None:
+    for spine in ax.spines.values():
+        spine.set_visible(colour is not None)
+        if colour is not None:
+            spine.set_edgecolor(colour)
+            spine.set_linewidth(width)
+
+
+def gallery_figure(rows: list[GalleryRow], title: str, path: Path):
+    """Each row: the query, its top-k tiles (best first, with their similarity), and the
+    ground truth framed green in place when found (rank < k), else drawn red after them."""
+    queries = [row.query_image if row.query_image is not None else _thumbnail(row.query)
+               for row in rows]
+    ratio_q = max(q.shape[1] / q.shape[0] for q in queries)
+    k = max(TOP_K, max(len(r.tiles) for r in rows))
+    ratios = [ratio_q] + [1.0] * k + [0.12, 1.0]
+    panel_h = min(1.9, 15.0 / sum(ratios))
+    fig = _figure(panel_h * sum(ratios) + 0.4, (panel_h + 0.62) * len(rows) + 0.7)
+    axes = fig.subplots(len(rows), len(ratios), squeeze=False, gridspec_kw={"width_ratios": ratios})
+    for row, image, line in zip(rows, queries, axes, strict=True):
+        line[0].imshow(image)
+        rank = "not evaluated" if row.rank < 0 else f"rank {row.rank}"
+        line[0].set_title(f"query {row.query_id} ({rank})" + (f"\n{row.label}" if row.label else ""),
+                          fontsize="small")
+        _clean(line[0])
+        _frame(line[0], None)
+        slot = row.gt_slot
+        for j in range(k):
+            ax = line[1 + j]
+            _clean(ax)
+            if j >= len(row.tiles):
+                ax.set_visible(False)
+                continue
+            tile = row.tiles[j]
+            ax.imshow(_thumbnail(tile.path))
+            ax.set_title(f"#{j + 1}  s={tile.score:.2f}" + ("\nground truth" if j == slot else ""),
+                         fontsize="x-small")
+            _frame(ax, row.frame if j == slot else "#bbbbbb", 4.0 if j == slot else 0.8)
+        line[1 + k].set_visible(False)
+        last = line[2 + k]
+        _clean(last)
+        if slot is None:
+            last.imshow(_thumbnail(row.gt.path))
+            last.set_title(f"ground truth\n{rank}, s={row.gt.score:.2f}", fontsize="x-small",
+                           color=row.frame)
+            _frame(last, row.frame)
+        else:
+            last.set_visible(False)
+    fig.suptitle(f"{title}\nframe: the ground truth, green when in the top {TOP_K} "
+                 f"(rank < {TOP_K}), red otherwise; s = cosine similarity", fontsize="medium")
+    fig.savefig(path, dpi=100)
+    return fig
