@@ -30,8 +30,10 @@ With `share: none` each view has its own clusters, and index k means nothing acr
 
 The dustbin, measured. SALAD gives every patch a mass of 1 and every cluster a mass of 1
 in total, so with n patches and m clusters the dustbin takes n - m of the n: a share
-(n - m) / n of every image, whatever its learned score (Sinkhorn's row scaling cancels a
-constant row). Training decides *where* that mass comes from:
+(n - m) / n of every image (`marginal_share`), whatever its learned score (Sinkhorn's row
+scaling cancels a constant row). That holds once Sinkhorn has converged; SALAD's few
+iterations (3) fit the rows only approximately, so the measured `mean_share` may differ
+a little. Training decides *where* that mass comes from:
 
 - one-view masks (the synthetic world writes a `masks/` folder beside the images, same
   names, 255 = content only that view shows): a patch counts as one-view when more than
@@ -282,7 +284,8 @@ def measure(pairs: list[tuple[ViewSample, ViewSample]], m: int, dustbin: bool,
         "mean_share": share,
         "marginal_share": {view: 100.0 * (n - m) / n for view, n in grids.items()},
         "marginal_rule": "SALAD's marginals: n patches of mass 1, m clusters of mass 1, the "
-                         "dustbin the other n - m: a share (n - m) / n",
+                         "dustbin the other n - m: a share (n - m) / n, exact once Sinkhorn has "
+                         "converged (mean_share is measured after the head's iterations)",
         "unmatched": unmatched or None,
         "unmatched_rule": (f"a patch is one-view when more than {ONE_VIEW:.0%} of its pixels are "
                            "masked (255 in masks/<name>); dustbin_on_unmatched = share of the "

@@ -135,12 +135,17 @@ def _clean(ax) -> None:
 
 
 def _outline_mask(ax, sample: ViewSample) -> None:
-    """The outline of the content only this view shows, when the image has a mask."""
+    """The content only this view shows, when the image has a mask: outlined and hatched."""
     mask = sample.one_view
-    if mask is not None and mask.max() > 0 and mask.min() < 1:
-        h, w = mask.shape
-        ax.contour(np.arange(w) + 0.5, np.arange(h) + 0.5, mask, levels=[0.5],
-                   colors=MASK_COLOUR, linewidths=1.0)
+    if mask is None or mask.max() <= 0.5:
+        return
+    h, w = mask.shape
+    x, y = np.arange(w) + 0.5, np.arange(h) + 0.5
+    hatched = ax.contourf(x, y, mask, levels=[0.5, 1.5], colors="none", hatches=["////"])
+    hatched.set_edgecolor(MASK_COLOUR)
+    hatched.set_linewidth(0.0)
+    if mask.min() < 0.5:
+        ax.contour(x, y, mask, levels=[0.5], colors=MASK_COLOUR, linewidths=1.0)
 
 
 def _draw_clusters(ax, sample: ViewSample, m: int, colours: np.ndarray) -> None:
@@ -176,7 +181,7 @@ def _dustbin_caption(sample: ViewSample, what: str, compact: bool) -> str:
         flags = sample.one_view_share > 0.5
         if flags.any() and bins.sum() > 0:
             on, base = 100 * bins[flags].sum() / bins.sum(), 100 * flags.mean()
-            text += (f"\none-view: {on:.0f}% of mass, {base:.0f}% of patches" if compact else
+            text += (f"\none-view: {on:.0f}% of mass,\n{base:.0f}% of patches" if compact else
                      f"\n{on:.0f}% of its mass on one-view patches ({base:.0f}% of patches)")
         else:
             text += "\nno one-view patches"
@@ -223,9 +228,11 @@ def assignment_figure(pairs: list[tuple[ViewSample, ViewSample]], m: int, dustbi
         bar.set_label("dustbin share of the patch's mass (dustbin rows)")
     if any(s.one_view is not None for pair in pairs for s in pair):
         from matplotlib.lines import Line2D
+        from matplotlib.patches import Patch
 
-        scales.legend([Line2D([], [], color=MASK_COLOUR, linewidth=1.5)],
-                      ["outline: content only this view shows (one-view mask)"],
+        scales.legend([(Patch(facecolor="none", edgecolor=MASK_COLOUR, hatch="////", linewidth=0),
+                        Line2D([], [], color=MASK_COLOUR, linewidth=1.5))],
+                      ["hatched and outlined: content only this view shows (one-view mask)"],
                       loc="outside lower center", fontsize="small", frameon=False)
     summary = ""
     if numbers and numbers.get("dustbin"):

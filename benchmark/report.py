@@ -16,7 +16,12 @@ cell runs of one experiment (newest finished run per cell id), and writes
 | `robustness.*`   | protocol (none, fov360 ... fov70, misalign ...) x method, per train->test  |
 | `deltas.*`       | ΔR@1 of every method against the declared baseline, same training        |
 |                  | dataset and seed, with the exact McNemar p-value on per-query hits        |
-| `figures/*.png`  | heatmaps of the tables, R@K curves per test dataset, training curves     |
+| `inside.*`       | per Cell with cluster assignments (what `benchmark run` measured with    |
+|                  | explain.py): the dustbin's share, its mass on one-view patches against   |
+|                  | their share, per annotation class, clusters used by one view only        |
+| `figures/*.png`  | heatmaps of the tables, R@K curves per test dataset, training curves,    |
+|                  | each Cell's assignment maps and cluster usage (`inside_*`), a gallery of |
+|                  | the discordant queries of each deltas row (`discordant_*`)               |
 | `index.md`       | links to all of the above; says why a table was skipped                  |
 
 Each table is written three ways: `<name>.csv` holds the *numbers* in tidy form (one row
@@ -45,14 +50,29 @@ import pandas as pd
 from gengeo_bench import tracking
 from gengeo_bench.errors import ConfigError
 from gengeo_bench.matrix import baseline_params
-from gengeo_bench.report_figures import heatmap_figure, recall_curves, safe_name, training_curves
-from gengeo_bench.report_load import RankStore, load_runs, method_order, results_long
+from gengeo_bench.report_figures import (
+    discordant_galleries,
+    heatmap_figure,
+    inside_figures,
+    recall_curves,
+    safe_name,
+    training_curves,
+)
+from gengeo_bench.report_load import (
+    ExplainStore,
+    RankStore,
+    explain_rows,
+    load_runs,
+    method_order,
+    results_long,
+)
 from gengeo_bench.report_stats import summarise
 from gengeo_bench.report_tables import (
     Table,
     ablation_table,
     backbone_aggregator_table,
     deltas_table,
+    inside_table,
     results_table,
     robustness_table,
     transfer_table,
@@ -63,8 +83,7 @@ log = logging.getLogger(__name__)
 
 
 TABLE_NAMES = ("runs", "results", "transfer", "ablation", "backbone_aggregator", "robustness",
-               "deltas")
-
+               "deltas", "inside")
 
 
 def _clean(folder: Path) -> None:
@@ -100,11 +119,13 @@ def write_report(
     results = results_long(runs)
     with tempfile.TemporaryDirectory(prefix="gengeo-report-") as tmp:
         store = RankStore(tracking_uri, Path(tmp))
+        explained = ExplainStore(tracking_uri, Path(tmp))
         summary = summarise(results, store) if len(results) else pd.DataFrame()
+        inside = explain_rows(runs, results, explained)
+        deltas = deltas_table(runs, results, store, baseline, methods)
         tables = [results_table(summary, methods), transfer_table(summary, methods),
                   ablation_table(summary), backbone_aggregator_table(summary, methods),
-                  robustness_table(summary, methods),
-                  deltas_table(runs, results, store, baseline, methods)]
+                  robustness_table(summary, methods), deltas, inside_table(inside, methods)]
         written: dict[str, list[str]] = {}
         figures: list[tuple[str, str]] = []
         for table in tables:
@@ -119,8 +140,11 @@ def write_report(
         curves = training_curves(runs, tracking_uri, methods, folder)
         if curves:
             figures.append(curves)
+        figures.extend(inside_figures(inside, folder))
+        galleries, notes = discordant_galleries(deltas.data, explained, folder, tracking_uri)
+        figures.extend(galleries)
     index = _index(experiment, tracking_uri, runs, methods, tables, written, figures,
-                   baseline, has_runs_csv=len(results) > 0)
+                   baseline, has_runs_csv=len(results) > 0, notes=notes)
     (folder / "index.md").write_text(index, encoding="utf-8")
     if parent_run_id:
         tracking.client(tracking_uri).log_artifacts(parent_run_id, str(folder), artifact_path="report")
@@ -130,7 +154,7 @@ def write_report(
 
 def _index(experiment: str, tracking_uri: str, runs: pd.DataFrame, methods: list[str],
            tables: list[Table], written: dict[str, list[str]], figures: list[tuple[str, str]],
-           baseline: dict | None, has_runs_csv: bool) -> str:
+           baseline: dict | None, has_runs_csv: bool, notes: list[str] = ()) -> str:
     seeds = sorted(runs["seed"].unique())
     trains = sorted(runs["train_dataset"].unique())
     now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -167,6 +191,8 @@ def _index(experiment: str, tracking_uri: str, runs: pd.DataFrame, methods: list
         lines.append("No figures (no test results, ranks artifacts or metric histories).")
     for title, path in figures:
         lines += [f"### {title}", "", f"[{path}]({path})", "", f"![{title}]({path})", ""]
+    if notes:
+        lines += ["## Discordant queries without a gallery", ""] + [f"- {n}" for n in notes]
     return "\n".join(lines).rstrip() + "\n"
 
 

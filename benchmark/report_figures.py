@@ -16,7 +16,8 @@ import numpy as np
 import pandas as pd
 
 from gengeo_bench import tracking
-from gengeo_bench.report_load import RankStore
+from gengeo_bench.explain_figures import gallery_figure
+from gengeo_bench.report_load import ExplainStore, RankStore
 from gengeo_bench.report_tables import Table
 
 
@@ -185,3 +186,70 @@ def training_curves(runs: pd.DataFrame, tracking_uri: str, methods: list[str],
             ax.legend(fontsize="x-small")
     fig.savefig(folder / "figures/training_curves.png", dpi=100)
     return ("Training curves", "figures/training_curves.png")
+
+
+def inside_figures(inside: pd.DataFrame, folder: Path) -> list[tuple[str, str]]:
+    """Each Cell's assignment maps and cluster usage (from its explain artifacts), on its
+    training dataset's test split when it was evaluated there, else on its first target."""
+    import shutil
+
+    out = []
+    if inside.empty:
+        return out
+    for _, group in inside.groupby("run_id", sort=False):
+        home = group[group["test_dataset"] == group["train_dataset"]]
+        r = (home if len(home) else group).iloc[0]
+        for kind, what in (("assignments", "assignment maps"), ("cluster_usage", "cluster usage")):
+            source = r.get(f"figure_{kind}")
+            if not isinstance(source, str) or not Path(source).is_file():
+                continue
+            name = (f"figures/inside_{safe_name(r['method'])}_{safe_name(r['train_dataset'])}_s"
+                    f"{r['seed']}_{safe_name(r['test_dataset'])}_{kind}.png")
+            shutil.copyfile(source, folder / name)
+            out.append((f"Inside {r['method']} (trained on {r['train_dataset']}, seed {r['seed']}, "
+                        f"test on {r['test_dataset']}): {what}", name))
+    return out
+
+
+def discordant_galleries(deltas: pd.DataFrame | None, store: ExplainStore, folder: Path,
+                         tracking_uri: str, per_side: int = 3) -> tuple[list[tuple[str, str]], list[str]]:
+    """A gallery per row of the deltas table (plain protocol): queries the method finds at
+    rank 0 and the baseline does not, and the reverse, each with both retrievals. Each is
+    also logged to the method's run (`explain/discordant/`). Returns the figures and notes
+    on the rows that got none."""
+    from gengeo_bench.explain import discordant_rows
+
+    figures, notes = [], []
+    if deltas is None or deltas.empty:
+        return figures, notes
+    plain = deltas[deltas["protocol"] == "none"]
+    if not any(store.folder(run_id, test) is not None for run_id, test in
+               zip(plain["run_id"], plain["test_dataset"], strict=True)):
+        return figures, ["no method run has explain artifacts (explain/<test>/retrieval.npz: "
+                         "`benchmark run` writes them), so no discordant query has a gallery."]
+    mlclient = tracking.client(tracking_uri)
+    for r in plain.itertuples():
+        where = f"{r.method} vs {r.baseline} ({r.train_dataset} → {r.test_dataset}, seed {r.seed})"
+        a = store.retrieval(r.run_id, r.test_dataset)
+        b = store.retrieval(r.baseline_run_id, r.test_dataset)
+        if a is None or b is None:
+            notes.append(f"{where}: no retrieval artifacts (explain/{r.test_dataset}/retrieval.npz) "
+                         f"for {'the method' if a is None else 'the baseline'}.")
+            continue
+        rows, only_method, only_baseline = discordant_rows(a, b, r.method, r.baseline, per_side)
+        if not rows:
+            notes.append(f"{where}: no discordant queries.")
+            continue
+        missing = [p for row in rows for p in [row.query, *(t.path for t in row.tiles), row.gt.path]
+                   if not p.is_file()]
+        if missing:
+            notes.append(f"{where}: the images are not on this machine ({missing[0]} ...).")
+            continue
+        name = (f"figures/discordant_{safe_name(r.method)}_vs_{safe_name(r.baseline)}_"
+                f"{safe_name(r.train_dataset)}_{safe_name(r.test_dataset)}_s{r.seed}.png")
+        title = (f"{where}: {only_method} queries only the method finds at rank 0, {only_baseline} "
+                 f"only the baseline; up to {per_side} of each, both retrievals")
+        gallery_figure(rows, title, folder / name)
+        mlclient.log_artifact(r.run_id, str(folder / name), artifact_path="explain/discordant")
+        figures.append((f"Discordant queries: {where}", name))
+    return figures, notes

@@ -4,7 +4,9 @@
 and adds what the tables group by: backbone, aggregator, share, dustbin, training dataset,
 seed and the method's label. `results_long` melts their test metrics into one row per
 run x test dataset x protocol. `RankStore` fetches the per-query ranks each run logged as
-`ranks/*.npz` artifacts, and `align` lines several evaluations up by query id.
+`ranks/*.npz` artifacts, and `align` lines several evaluations up by query id;
+`ExplainStore` fetches what `benchmark run` wrote per Cell under `explain/` (assignment
+maps, dustbin numbers, top-k retrieval; see `explain.py`).
 
 Methods are labelled `<backbone> + <aggregator>[<share>, dustbin|no dustbin]` (the share
 mode is shown when it is not `none`, except for aggregators with a dustbin, where both are
@@ -15,6 +17,7 @@ are only averaged over seeds when nothing else differs.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -30,7 +33,10 @@ from gengeo_bench.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-METRICS = ("R1", "R5", "R10", "R1pct", "hit_rate", "chance_R1")
+# Logged test metrics the tables summarise; the last two come from `explain.py` (the
+# dustbin's mass on one-view patches and their share of the patches), with masked data.
+METRICS = ("R1", "R5", "R10", "R1pct", "hit_rate", "chance_R1", "dustbin_on_unmatched",
+           "unmatched_base_rate")
 SHARE_ORDER = {"none": 0, "clusters": 1, "all": 2}
 # Params that never make two cells different *methods*: they are the axes the tables
 # are laid out along (seed, training dataset), are already in the label, or describe the
@@ -236,6 +242,28 @@ def ranks_file(test_dataset: str, protocol: str) -> str:
     return prefix.replace("/", "__") + ".npz"
 
 
+def download_folder(tracking_uri: str, run_id: str, artifact_path: str, dst: Path) -> Path | None:
+    """A run's artifact folder, downloaded under `dst`; None when it has none (or the
+    artifact store cannot be reached: the report goes on without it)."""
+    import mlflow
+
+    quiet = os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
+    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"  # one bar per run
+    try:
+        if not tracking.client(tracking_uri).list_artifacts(run_id, artifact_path):
+            return None
+        return Path(mlflow.artifacts.download_artifacts(
+            run_id=run_id, artifact_path=artifact_path, dst_path=str(dst), tracking_uri=tracking_uri))
+    except Exception as exc:  # an unreachable artifact store
+        log.warning("run %s: %s artifacts could not be downloaded (%s)", run_id, artifact_path, exc)
+        return None
+    finally:
+        if quiet is None:
+            os.environ.pop("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", None)
+        else:
+            os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = quiet
+
+
 class RankStore:
     """Per-query ranks of runs, downloaded from their `ranks/` artifacts on first use."""
 
@@ -247,25 +275,7 @@ class RankStore:
 
     def _download(self, run_id: str) -> Path | None:
         if run_id not in self._dirs:
-            import mlflow
-
-            self._dirs[run_id] = None
-            quiet = os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
-            os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"  # one bar per run
-            try:
-                listed = tracking.client(self.uri).list_artifacts(run_id, "ranks")
-                if listed:
-                    local = mlflow.artifacts.download_artifacts(
-                        run_id=run_id, artifact_path="ranks", dst_path=str(self.workdir / run_id),
-                        tracking_uri=self.uri)
-                    self._dirs[run_id] = Path(local)
-            except Exception as exc:  # an unreachable artifact store: report without ranks
-                log.warning("run %s: ranks artifacts could not be downloaded (%s)", run_id, exc)
-            finally:
-                if quiet is None:
-                    os.environ.pop("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", None)
-                else:
-                    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = quiet
+            self._dirs[run_id] = download_folder(self.uri, run_id, "ranks", self.workdir / run_id)
         return self._dirs[run_id]
 
     def get(self, run_id: str, test_dataset: str, protocol: str) -> tuple[np.ndarray, np.ndarray] | None:
@@ -291,3 +301,71 @@ def align(*pairs: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, list[np.nd
         _, _, where = np.intersect1d(common, ids, return_indices=True)
         out.append(ranks[where])
     return common, out
+
+
+class ExplainStore:
+    """What `benchmark run` wrote per Cell under `explain/<target>/` (explain.json, the
+    figures, retrieval.npz), downloaded from the runs' artifacts on first use."""
+
+    def __init__(self, tracking_uri: str, workdir: Path):
+        self.uri = tracking_uri
+        self.workdir = Path(workdir)
+        self._dirs: dict[str, Path | None] = {}
+
+    def folder(self, run_id: str, target: str) -> Path | None:
+        """The local copy of one run's `explain/<target>/`, or None."""
+        if run_id not in self._dirs:
+            self._dirs[run_id] = download_folder(self.uri, run_id, "explain",
+                                                 self.workdir / "explain" / run_id)
+        root = self._dirs[run_id]
+        return root / target if root is not None and (root / target).is_dir() else None
+
+    def summary(self, run_id: str, target: str) -> dict[str, Any] | None:
+        """The run's explain.json for one target, or None."""
+        folder = self.folder(run_id, target)
+        if folder is None or not (folder / "explain.json").is_file():
+            return None
+        return json.loads((folder / "explain.json").read_text())
+
+    def retrieval(self, run_id: str, target: str):
+        """The run's top-k retrieval of one target (`explain.Retrieval`), or None."""
+        from gengeo_bench.explain import Retrieval
+
+        folder = self.folder(run_id, target)
+        if folder is None or not (folder / "retrieval.npz").is_file():
+            return None
+        return Retrieval.load(folder / "retrieval.npz")
+
+
+def explain_rows(runs: pd.DataFrame, results: pd.DataFrame, store: ExplainStore) -> pd.DataFrame:
+    """One row per run x test dataset that has an explain.json with cluster assignments:
+    what `explain.py` measured (percent), tidy; empty when no run has any."""
+    rows = []
+    plain = results[results["protocol"] == "none"] if len(results) else results
+    by_run = runs.set_index("run_id")
+    for r in plain.itertuples():
+        summary = store.summary(r.run_id, r.test_dataset)
+        numbers = (summary or {}).get("assignments")
+        if not numbers:
+            continue
+        dustbin = numbers.get("dustbin") or {}
+        both = (dustbin.get("unmatched") or {}).get("both") or {}
+        row = {"run_id": r.run_id, "cell_id": by_run.at[r.run_id, "cell_id"], "method": r.method,
+               "train_dataset": r.train_dataset, "test_dataset": r.test_dataset, "seed": r.seed,
+               "num_clusters": numbers["num_clusters"], "pairs_measured": numbers.get("pairs_measured"),
+               "R1": summary["retrieval"]["R1"],
+               "dustbin_share": dustbin.get("mean_share", {}).get("both", np.nan),
+               "dustbin_on_unmatched": both.get("dustbin_on_unmatched", np.nan),
+               "unmatched_base_rate": both.get("unmatched_base_rate", np.nan),
+               "lift": both.get("lift", np.nan),
+               "ground_only_clusters": " ".join(map(str, numbers["clusters_one_view_only"]["ground"])),
+               "aerial_only_clusters": " ".join(map(str, numbers["clusters_one_view_only"]["aerial"])),
+               "unused_clusters": " ".join(map(str, numbers["clusters_unused"]))}
+        for c in dustbin.get("classes") or []:
+            row[f"dustbin_on_{c['class']}"] = c["share_of_dustbin_mass"]
+            row[f"patches_{c['class']}"] = c["share_of_patches"]
+        folder = store.folder(r.run_id, r.test_dataset)
+        for name, file in summary.get("figures", {}).items():
+            row[f"figure_{name}"] = str(folder / file)
+        rows.append(row)
+    return pd.DataFrame(rows)

@@ -180,7 +180,8 @@ def paired_deltas(runs: pd.DataFrame, results: pd.DataFrame, store: RankStore | 
         for test, protocol in mine.index.intersection(theirs.index):
             row = {"train_dataset": run["train_dataset"], "test_dataset": test,
                    "protocol": protocol, "seed": int(run["seed"]), "method": run["method"],
-                   "baseline": base["method"]}
+                   "baseline": base["method"], "run_id": run["run_id"],
+                   "baseline_run_id": base["run_id"]}
             a = store.get(run["run_id"], test, protocol) if store else None
             b = store.get(base["run_id"], test, protocol) if store else None
             if a is not None and b is not None:
@@ -201,5 +202,6 @@ def paired_deltas(runs: pd.DataFrame, results: pd.DataFrame, store: RankStore | 
                       f"({declared}).")
     data = pd.DataFrame(rows)[["train_dataset", "test_dataset", "protocol", "method", "baseline",
                                "seed", "R1", "baseline_R1", "delta_R1", "only_method",
-                               "only_baseline", "p_value", "queries_paired"]]
+                               "only_baseline", "p_value", "queries_paired", "run_id",
+                               "baseline_run_id"]]
     return data, ""

@@ -104,7 +104,10 @@ def results_table(summary: pd.DataFrame, methods: list[str]) -> Table:
     table = Table("results", "Results",
                   "Every metric per method, training dataset, test dataset and protocol: "
                   "mean ± std over seeds; R@1 with its 95% bootstrap interval; chance_R1 is the "
-                  "R@1 of a random ranking (positives / gallery size).")
+                  "R@1 of a random ranking (positives / gallery size); with one-view masks, "
+                  "dustbin_on_unmatched is the share of the dustbin's mass on patches only one "
+                  "view shows, against those patches' share of the image (base), measured on a "
+                  "few test pairs (explain.py).")
     if summary.empty:
         table.skipped = "no run logged test metrics (test/<dataset>/R1 ...)."
         return table
@@ -116,11 +119,16 @@ def results_table(summary: pd.DataFrame, methods: list[str]) -> Table:
     display = data[["method", "train_dataset", "test_dataset", "protocol", "n_seeds"]].rename(
         columns={"train_dataset": "train", "test_dataset": "test", "n_seeds": "seeds"})
     for name in METRICS:
-        if f"{name}_mean" not in data:
+        if f"{name}_mean" not in data or name == "unmatched_base_rate":  # shown with the next
             continue
         if name == "R1":
             display[name] = [fmt(r.R1_mean, r.R1_std, r.R1_ci_low, r.R1_ci_high)
                              for r in data.itertuples()]
+        elif name == "dustbin_on_unmatched":
+            base = data.get("unmatched_base_rate_mean", pd.Series(float("nan"), index=data.index))
+            display[name] = [fmt(m, s) + (f" (base {b:.2f})" if finite(m) and finite(b) else "")
+                             for m, s, b in zip(data[f"{name}_mean"], data[f"{name}_std"], base,
+                                                strict=True)]
         else:
             display[name] = [fmt(m, s) for m, s in zip(data[f"{name}_mean"], data[f"{name}_std"],
                                                        strict=True)]
@@ -333,3 +341,45 @@ def write_table(table: Table, folder: Path) -> list[str]:
         to_latex(table.display, f"{table.title}. {table.description}", f"tab:{table.name}"),
         encoding="utf-8")
     return [f"{table.name}.md", f"{table.name}.csv", f"{table.name}.tex"]
+
+
+def inside_table(inside: pd.DataFrame, methods: list[str]) -> Table:
+    """What `benchmark run` measured inside each Cell with cluster assignments (explain.py)."""
+    table = Table("inside", "Inside the models: clusters and the dustbin",
+                  "Per Cell with cluster assignments, on a few test pairs (pairs column): the "
+                  "dustbin's share of the mass (SALAD's marginals fix it at (n - m) / n); with "
+                  "one-view masks, the share of the dustbin's mass on one-view patches (a patch "
+                  "is one-view when more than half its pixels are masked) against those patches' "
+                  "share (base) and their ratio (lift); with annotations, the dustbin's mass per "
+                  "class (of the ground patches) against the class's share of the patches; "
+                  "clusters whose strongest patches come from one view only (a failure of "
+                  "alignment) and clusters no patch prefers. Percent.")
+    if inside.empty:
+        table.skipped = ("no run has explain artifacts with cluster assignments (aggregators "
+                         "with clusters, run by `benchmark run`).")
+        return table
+    classes = [c[len("dustbin_on_"):] for c in inside.columns
+               if c.startswith("dustbin_on_") and c != "dustbin_on_unmatched"]
+    data = _ordered(inside.drop(columns=[c for c in inside.columns if c.startswith("figure_")]),
+                    {"method": methods, "train_dataset": None, "test_dataset": None, "seed": None})
+    display = pd.DataFrame({
+        "method": data["method"],
+        "train " + ARROW + " test": [setting(a, b) for a, b in
+                                     zip(data["train_dataset"], data["test_dataset"], strict=True)],
+        "seed": data["seed"].astype(str), "pairs": data["pairs_measured"].astype(str),
+        "R@1": data["R1"].map(fmt),
+        "dustbin share": data["dustbin_share"].map(fmt),
+        "dustbin on one-view (base, lift)": [
+            DASH if not finite(on) else f"{on:.2f} ({base:.2f}, {lift:.2f}x)"
+            for on, base, lift in zip(data["dustbin_on_unmatched"], data["unmatched_base_rate"],
+                                      data["lift"], strict=True)],
+        **{f"dustbin on {c} (patches)": [
+            DASH if not finite(on) else f"{on:.2f} ({share:.2f})"
+            for on, share in zip(data[f"dustbin_on_{c}"], data[f"patches_{c}"], strict=True)]
+           for c in classes},
+        "ground-only clusters": data["ground_only_clusters"].replace("", DASH),
+        "aerial-only clusters": data["aerial_only_clusters"].replace("", DASH),
+        "unused clusters": data["unused_clusters"].replace("", DASH),
+    })
+    table.data, table.display = data, display
+    return table

@@ -136,6 +136,7 @@ def run_one(ctx: Context, cell: Cell) -> Outcome:
     (re-raised after the run is marked KILLED): a Cell's failure is recorded, never raised.
     """
     from gengeo_bench.engine import run_cell
+    from gengeo_bench.explain import explain_cell
 
     mlclient = tracking.client(ctx.tracking_uri)
     me = tracking.worker_id()
@@ -166,12 +167,12 @@ def run_one(ctx: Context, cell: Cell) -> Outcome:
                     f"shared storage; this worker leaves the Cell alone.")
                 return Outcome(cell.id, cell.name, "running", worker=by)
         resume = previous.info.run_id if previous is not None else None
-        return _train(ctx, cell, mlclient, resume, run_cell)
+        return _train(ctx, cell, mlclient, resume, run_cell, explain_cell)
     finally:
         claim.release()
 
 
-def _train(ctx: Context, cell: Cell, mlclient, resume: str | None, run_cell) -> Outcome:
+def _train(ctx: Context, cell: Cell, mlclient, resume: str | None, run_cell, explain_cell) -> Outcome:
     workdir = ctx.workdir(cell)
     tags = {tracking.ROLE: "cell", tracking.MATRIX: ctx.matrix, tracking.PARENT: ctx.parent_id,
             **ctx.tags}
@@ -186,6 +187,8 @@ def _train(ctx: Context, cell: Cell, mlclient, resume: str | None, run_cell) -> 
             beat = lambda: mlclient.set_tag(run.run_id, HEARTBEAT, f"{time.time():.0f}")  # noqa: E731
             with Heartbeat(beat, HEARTBEAT_SECONDS):
                 result = run_cell(cell, workdir, device=ctx.device, log_metrics=run.log_metrics)
+                # Assignment maps, dustbin numbers, galleries (workdir/explain/); never fails.
+                result.metrics.update(explain_cell(cell, workdir, ctx.device))
             run.finish(result)
     except KeyboardInterrupt:
         raise

@@ -15,7 +15,8 @@ Conventions every command shares (runner, tuner, report):
   `params.aggregator.share = 'clusters'`;
 - metrics: `train/loss` per step, `val/<dataset>/R1` per epoch,
   `test/<dataset>[/<protocol>]/{R1,R5,R10,R1pct,hit_rate}` and their `_ci_low/_ci_high`;
-- artifacts: `cell.yaml`, `manifests.json`, `environment.json`, `ranks/*.npz`.
+- artifacts: `cell.yaml`, `manifests.json`, `environment.json`, `ranks/*.npz`, and from
+  `benchmark run` `explain/<target>/` (assignment maps, galleries, explain.json).
 """
 
 from __future__ import annotations
@@ -230,6 +231,8 @@ class CellRun:
                 self.mlclient.log_artifact(self.run_id, str(self.workdir / name))
         if (self.workdir / "ranks").is_dir():
             self.mlclient.log_artifacts(self.run_id, str(self.workdir / "ranks"), artifact_path="ranks")
+        if (self.workdir / "explain").is_dir():
+            self.mlclient.log_artifacts(self.run_id, str(self.workdir / "explain"), artifact_path="explain")
         self.mlclient.set_terminated(self.run_id, "FINISHED")
 
 

@@ -340,3 +340,69 @@ def test_explain_without_masks_says_so(tmp_path, monkeypatch):
     assert dustbin["unmatched"] is None and "no one-view masks" in dustbin["unmatched_note"]
     assert "classes" not in dustbin
     assert explain.cell_metrics("d", summary) == {"test/d/dustbin_share": dustbin["mean_share"]["both"]}
+
+
+# --- benchmark run and the report -----------------------------------------------------------
+
+
+def test_run_logs_explain_artifacts_and_the_report_shows_them(data_root, tmp_path, monkeypatch):
+    import pandas as pd
+    import yaml
+
+    from gengeo_bench import tracking
+    from gengeo_bench.runner import run_matrix
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    salad = {k: v for k, v in SALAD.items() if k != "share"}
+    matrix = {
+        "name": "inside",
+        "defaults": {"model": {"share_backbone": False},
+                     "train": {"dataset": "d", "epochs": 1, "batch_size": 4, "val_fraction": 0.25,
+                               "image_size": IMAGE_SIZE, "augment": False},
+                     "evaluate": {"batch_size": 8}},
+        "datasets": {"d": {"name": "cvusa", "root": str(data_root)}},
+        "axes": {"backbone": ["resnet_tiny"],
+                 "aggregator": [{**salad, "share": "clusters"}, {**salad, "share": "none"}]},
+        "evaluate_on": ["d"],
+        "seeds": [0],
+        "baseline": {"aggregator": {"name": "salad", "share": "none"}},
+    }
+    (tmp_path / "m.yaml").write_text(yaml.safe_dump(matrix))
+    outcomes = run_matrix(tmp_path / "m.yaml", reports_dir=tmp_path / "reports")
+    assert [o.status for o in outcomes] == ["done", "done"]
+    mlclient = tracking.client(tracking.tracking_uri())
+    for o in outcomes:
+        listed = {a.path for a in mlclient.list_artifacts(o.run_id, "explain/d")}
+        assert {f"explain/d/{n}" for n in ("assignments.png", "cluster_usage.png", "explain.json",
+                                           "retrieval.npz")} <= listed
+        local = Path(mlclient.download_artifacts(o.run_id, "explain/d/explain.json",
+                                                 str(tmp_path / o.run_id)))
+        both = json.loads(local.read_text())["assignments"]["dustbin"]["unmatched"]["both"]
+        logged = mlclient.get_run(o.run_id).data.metrics
+        assert logged["test/d/dustbin_on_unmatched"] == pytest.approx(both["dustbin_on_unmatched"])
+        assert logged["test/d/unmatched_base_rate"] == pytest.approx(100 * 11 / 32)
+        assert logged["test/d/dustbin_share"] == pytest.approx(75.0, abs=0.05)
+    out = tmp_path / "reports" / "inside"
+    results = pd.read_csv(out / "results.csv")
+    plain = results[results["protocol"] == "none"]
+    assert plain["unmatched_base_rate_mean"].tolist() == pytest.approx([100 * 11 / 32] * 2)
+    header = (out / "results.md").read_text().split("\n")[4]
+    assert "| dustbin_on_unmatched |" in header and "(base 34.38)" in (out / "results.md").read_text()
+    inside = pd.read_csv(out / "inside.csv")
+    assert len(inside) == 2 and inside["patches_sky"].tolist() == pytest.approx([50.0, 50.0])
+    assert inside["dustbin_share"].tolist() == pytest.approx([75.0, 75.0], abs=0.05)
+    figures = {p.name for p in (out / "figures").glob("inside_*.png")}
+    assert len(figures) == 4 and sum(n.endswith("_assignments.png") for n in figures) == 2
+    deltas = pd.read_csv(out / "deltas.csv")
+    row = deltas[deltas["protocol"] == "none"].iloc[0]
+    galleries = list((out / "figures").glob("discordant_*.png"))
+    discordant = int(row["only_method"]) + int(row["only_baseline"])
+    assert len(galleries) == (1 if discordant else 0)
+    index = (out / "index.md").read_text()
+    if discordant:
+        logged = {a.path for a in mlclient.list_artifacts(row["run_id"], "explain/discordant")}
+        assert logged == {f"explain/discordant/{galleries[0].name}"}
+        assert f"{int(row['only_method'])} queries only the method finds" in index
+    else:
+        assert "no discordant queries" in index
