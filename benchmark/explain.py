@@ -501,8 +501,21 @@ def explain_target(cell: Cell, model: CrossViewModel, key: str, out: Path, devic
                              f"{len(samples)} pairs", note, out / FIGURES["cluster_usage"])
         summary["figures"]["assignments"] = FIGURES["assignments"]
         summary["figures"]["cluster_usage"] = FIGURES["cluster_usage"]
-    (out / "explain.json").write_text(json.dumps(summary, indent=2, allow_nan=True))
+    summary = _json_ready(summary)
+    (out / "explain.json").write_text(json.dumps(summary, indent=2, allow_nan=False))
     return summary
+
+
+def _json_ready(value: Any) -> Any:
+    """The same structure with NaN (a share of nothing: no mask, an empty dustbin) as None,
+    so explain.json is strict JSON."""
+    if isinstance(value, dict):
+        return {k: _json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_ready(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
 
 
 def explain(checkpoint: str | Path, dataset: str, out: str | Path, root: str | None = None,
@@ -526,7 +539,7 @@ def cell_metrics(key: str, summary: dict[str, Any]) -> dict[str, float]:
     if both:
         out[f"test/{key}/dustbin_on_unmatched"] = both["dustbin_on_unmatched"]
         out[f"test/{key}/unmatched_base_rate"] = both["unmatched_base_rate"]
-    return {k: float(v) for k, v in out.items() if np.isfinite(v)}
+    return {k: float(v) for k, v in out.items() if v is not None and math.isfinite(v)}
 
 
 def explain_cell(cell: Cell, workdir: Path, device: str | torch.device | None = None) -> dict[str, float]:

@@ -80,6 +80,11 @@ class GalleryRow:
         return None
 
 
+def _pct(value: Any) -> str:
+    """`44%`, or `n/a` for a share of nothing (NaN or None)."""
+    return f"{value:.0f}%" if isinstance(value, float | int) and math.isfinite(value) else "n/a"
+
+
 def _figure(width: float, height: float):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -177,9 +182,11 @@ def _dustbin_caption(sample: ViewSample, what: str, compact: bool) -> str:
     text = f"{what}: dustbin share per patch, mean {100 * bins.mean():.0f}%"
     if compact:
         text = f"{what}: dustbin, mean {100 * bins.mean():.0f}%"
+    if bins.sum() <= 0:
+        return text + "\n(as many patches as clusters: nothing left for the dustbin)"
     if sample.one_view_share is not None:
         flags = sample.one_view_share > 0.5
-        if flags.any() and bins.sum() > 0:
+        if flags.any():
             on, base = 100 * bins[flags].sum() / bins.sum(), 100 * flags.mean()
             text += (f"\none-view: {on:.0f}% of mass,\n{base:.0f}% of patches" if compact else
                      f"\n{on:.0f}% of its mass on one-view patches ({base:.0f}% of patches)")
@@ -240,9 +247,14 @@ def assignment_figure(pairs: list[tuple[ViewSample, ViewSample]], m: int, dustbi
         summary = (f"Over {numbers.get('pairs_measured', len(pairs))} pairs the dustbin takes "
                    f"{numbers['dustbin']['mean_share']['both']:.0f}% of the mass")
         if both:
-            summary += (f", {both['dustbin_on_unmatched']:.0f}% of it on one-view patches, which are "
-                        f"{both['unmatched_base_rate']:.0f}% of the patches")
+            summary += (f", {_pct(both['dustbin_on_unmatched'])} of it on one-view patches, which "
+                        f"are {_pct(both['unmatched_base_rate'])} of the patches")
         summary += "."
+        classes = numbers["dustbin"].get("classes")
+        if classes:
+            summary += " Ground patches by annotation class, share of the dustbin's mass / of the " \
+                       "patches: " + ", ".join(f"{c['class']} {_pct(c['share_of_dustbin_mass'])}/"
+                                               f"{_pct(c['share_of_patches'])}" for c in classes) + "."
     wrap = max(60, int(width * 11))
     text = "\n".join(textwrap.fill(part, wrap) for part in (title, note, summary) if part)
     fig.suptitle(text, fontsize="medium")

@@ -406,3 +406,24 @@ def test_run_logs_explain_artifacts_and_the_report_shows_them(data_root, tmp_pat
         assert f"{int(row['only_method'])} queries only the method finds" in index
     else:
         assert "no discordant queries" in index
+
+
+def test_dustbin_with_nothing_left_is_strict_json(data_root, tmp_path):
+    """As many clusters as patches: SALAD's dustbin gets no mass, its shares are null (not
+    NaN) in explain.json, and no metric is logged for them."""
+    cell = cell_for(data_root, {**SALAD, "num_clusters": 16})
+    checkpoint = save_checkpoint(tmp_path / "best.pt", cell, build_model(cell))
+    summary = explain.explain(checkpoint, "cvusa", tmp_path / "out", root=str(data_root), device="cpu")
+
+    def no_nan(text):
+        raise AssertionError(f"{text} in explain.json")
+
+    written = json.loads((tmp_path / "out" / "explain.json").read_text(), parse_constant=no_nan)
+    dustbin = written["assignments"]["dustbin"]
+    assert dustbin["marginal_share"] == {"ground": 0.0, "aerial": 0.0}
+    assert dustbin["mean_share"]["both"] == pytest.approx(0.0, abs=1e-6)
+    assert dustbin["unmatched"]["both"]["dustbin_on_unmatched"] is None
+    assert dustbin["unmatched"]["both"]["unmatched_base_rate"] == pytest.approx(100 * 11 / 32)
+    assert explain.cell_metrics("d", summary) == {
+        "test/d/dustbin_share": pytest.approx(0.0, abs=1e-6),
+        "test/d/unmatched_base_rate": pytest.approx(100 * 11 / 32)}
