@@ -35,9 +35,9 @@ scaling cancels a constant row). That holds once Sinkhorn has converged; SALAD's
 iterations (3) fit the rows only approximately, so the measured `mean_share` may differ
 a little. Training decides *where* that mass comes from:
 
-- one-view masks (the synthetic world writes a `masks/` folder beside the images, same
-  names, 255 = content only that view shows): a patch counts as one-view when more than
-  half of its pixels are masked (`ONE_VIEW`); `dustbin_on_unmatched` is the share of the
+- one-view masks (the synthetic world writes `masks/<image stem>.png` beside each image,
+  255 = content only that view shows): a patch counts as one-view when more than half of
+  its pixels are masked (`ONE_VIEW`); `dustbin_on_unmatched` is the share of the
   dustbin's mass on one-view patches, `unmatched_base_rate` the share of patches that are
   one-view. A dustbin that filters partial correspondence puts clearly more mass there
   than the base rate (`lift` = the ratio).
@@ -90,7 +90,7 @@ TOP_K = figures.TOP_K  # tiles per gallery row; the frame is green when rank < T
 MAP_PAIRS = 4  # pairs drawn in the assignment maps (`--pairs`)
 MEASURE_PAIRS = 32  # pairs the numbers are measured on (at least `pairs`)
 GALLERY_ROWS = 4  # queries per gallery
-ONE_VIEW = 0.5  # a patch is one-view when more than this share of its pixels is masked
+ONE_VIEW = figures.ONE_VIEW  # a patch is one-view when more than this share is masked
 # Annotation classes in label order. CVUSA: the 4 classes of Zhai et al. (CVPR 2017), the
 # ids as their code (viibridges/crossnet) reads them and the sample panoramas show them.
 # The synthetic world: benchmark/world_scene.py's LABELS.
@@ -125,12 +125,10 @@ def num_clusters(head: torch.nn.Module, columns: int) -> tuple[int, bool]:
 
 
 def mask_path(image: Path) -> Path | None:
-    """The one-view mask of an image: `masks/` beside it, same name (or the same stem as PNG)."""
-    folder = Path(image).parent / "masks"
-    for candidate in (folder / Path(image).name, folder / f"{Path(image).stem}.png"):
-        if candidate.is_file():
-            return candidate
-    return None
+    """The one-view mask of an image, when it has one: `masks/<stem>.png` beside it (the
+    synthetic world's rule; 255, or a 1-bit True, where only this view has content)."""
+    path = Path(image).parent / "masks" / f"{Path(image).stem}.png"
+    return path if path.is_file() else None
 
 
 def annotation_path(ground: Path) -> Path | None:

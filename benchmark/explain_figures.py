@@ -17,7 +17,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-TOP_K = 5
+TOP_K = 5  # tiles per gallery row; the ground truth's frame is green when rank < TOP_K
+ONE_VIEW = 0.5  # a patch is one-view when more than this share of its pixels is masked
 FOUND, MISSED = "#1a9641", "#d7191c"  # green / red frames of the ground truth
 # Greys for the two views, so that no bar takes a cluster's colour.
 VIEW_COLOURS = {"ground": "#3a3a3a", "aerial": "#b0b0b0"}
@@ -185,7 +186,7 @@ def _dustbin_caption(sample: ViewSample, what: str, compact: bool) -> str:
     if bins.sum() <= 0:
         return text + "\n(as many patches as clusters: nothing left for the dustbin)"
     if sample.one_view_share is not None:
-        flags = sample.one_view_share > 0.5
+        flags = sample.one_view_share > ONE_VIEW
         if flags.any():
             on, base = 100 * bins[flags].sum() / bins.sum(), 100 * flags.mean()
             text += (f"\none-view: {on:.0f}% of mass,\n{base:.0f}% of patches" if compact else

@@ -258,6 +258,8 @@ def test_mask_planes_follow_the_image_under_a_protocol(data_root, tmp_path):
     assert explain.mask_path(data_root / "streetview/panos/0000007.jpg") == (
         data_root / "streetview/panos/masks/0000007.png")
     assert explain.mask_path(tmp_path / "painted.png") is None
+    Image.fromarray(mask > 0).save(tmp_path / "masks.png")  # a 1-bit mask reads as 0 / 255
+    np.testing.assert_array_equal(explain.read_mask(tmp_path / "masks.png")[0], mask > 0)
 
 
 # --- the command, end to end ------------------------------------------------------------------
