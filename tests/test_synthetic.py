@@ -402,3 +402,105 @@ def test_partial_generation_is_not_mistaken_for_a_cache(tmp_path, monkeypatch):
     assert syn.generation_count == before + 3
     syn.Synthetic(region="suburb", pairs=5, seed=0, **SMALL)
     assert syn.generation_count == before + 3  # and then reused
+
+
+# --- one-view masks and the unmatched knob ---------------------------------------------
+
+
+def test_panorama_mask_marks_the_sky_and_a_ground_only_object():
+    H, W = 64, 256
+    region = REGIONS["grid_city"]
+    colour = (250, 20, 200)
+    car = _bearing_box(90.0, 10.0, 1.0, 1.6, colour, colour, ground_only=True)
+    for ground_only in (True, False):
+        box = Box(car.x0, car.y0, car.x1, car.y1, car.height, colour, colour, ground_only)
+        world = World(region, 0, procedural=False, boxes=[box])
+        pano, labels, mask = render_panorama(world, 0.0, 0.0, (H, W), transients=False,
+                                             clean=True, masks=True)
+        seen = labels == MANMADE  # its sides and its top: nothing else is man-made here
+        assert seen.sum() >= 20 and _colour_mask(pano, colour)[seen].mean() > 0.5
+        cols = np.nonzero(seen.any(0))[0]
+        assert abs(cols.mean() - 0.75 * W) < 2  # east: three quarters across
+        sky = np.zeros((H, W), bool)
+        sky[: H // 2] = True  # rows above the horizon see nothing in a flat world
+        assert (labels[sky] == SKY).all()
+        assert np.array_equal(mask, sky | seen) if ground_only else np.array_equal(mask, sky)
+
+
+def test_aerial_mask_marks_an_air_only_object_the_panorama_does_not_see():
+    S = 64
+    region = REGIONS["suburb"]
+    gsd = region.tile_m / S
+    tarp, roof, facade = (10, 200, 250), (240, 200, 10), (200, 60, 60)
+    air = Box(-12.0, 4.0, -2.0, 15.0, 0.3, tarp, tarp, air_only=True)
+    both = Box(5.0, -12.0, 17.0, 3.0, 6.0, facade, roof)
+    world = World(region, 0, procedural=False, boxes=[air, both])
+    aerial, mask = render_aerial(world, 0.0, 0.0, S, clean=True, masks=True)
+    rows, cols = np.mgrid[0:S, 0:S]
+    x = (cols + 0.5 - S / 2) * gsd
+    y = -(rows + 0.5 - S / 2) * gsd
+    footprint = (x >= air.x0) & (x < air.x1) & (y >= air.y0) & (y < air.y1)
+    assert footprint.sum() > 50
+    assert np.array_equal(_colour_mask(aerial, tarp), footprint)
+    assert np.array_equal(mask, footprint)  # the box both views see is not masked
+    assert _colour_mask(aerial, roof).sum() > 50
+    pano, _, p_mask = render_panorama(world, 0.0, 0.0, (64, 256), transients=False, clean=True,
+                                      masks=True)
+    assert _colour_mask(pano, tarp).sum() == 0 and _colour_mask(pano, facade).sum() > 0
+    assert not p_mask[32:].any()  # below the horizon: only ground and the shared box
+
+
+def test_unmatched_grows_the_masked_share_monotonically():
+    world = World("grid_city", 2)
+    cams = syn.camera_positions(world, 4, 60.0, seed=1)
+    seeds = [21, 22, 23, 24]
+    shares, previous = [], None
+    for u in (0.0, 0.25, 0.5, 0.75, 1.0):
+        panos, tiles = render_batch(world, cams, seeds, (32, 128), 48, unmatched=u, masks=True)
+        masks = ([m for _, _, m in panos], [m for _, m in tiles])
+        if u == 0.0:
+            # nothing one view only has but the panorama's sky
+            assert all(np.array_equal(m, lab == SKY) for (_, lab, m) in panos)
+            assert not any(m.any() for m in masks[1])
+        if previous is not None:  # every masked pixel stays masked: the knob only adds
+            for now, before in zip(masks[0] + masks[1], previous[0] + previous[1], strict=True):
+                assert (now | before).sum() == now.sum()
+        shares.append([np.mean(masks[0]), np.mean(masks[1])])
+        previous = masks
+    shares = np.asarray(shares)
+    assert (np.diff(shares, axis=0) >= 0).all()
+    assert shares[-1, 0] > shares[0, 0] and shares[-1, 1] > shares[0, 1] + 0.01
+
+
+def test_masks_are_written_beside_the_images_in_both_layouts(cvusa_world, vigor_world):
+    ds = syn.Synthetic(root=cvusa_world, split="train", region="suburb", **SMALL)
+    for pair in ds.pairs:
+        ground_mask, aerial_mask = ds.mask_paths(pair)
+        assert ground_mask == pair.ground.parent / "masks" / f"{pair.id}.png"
+        assert aerial_mask == syn.mask_path(pair.aerial) and aerial_mask.is_file()
+        with Image.open(ground_mask) as im:
+            assert im.mode == "1" and im.size == (64, 16)
+            mask = np.asarray(im.convert("L"))
+        assert set(np.unique(mask).tolist()) <= {0, 255}
+        labels = np.asarray(Image.open(cvusa_world / "streetview/annotations" / f"{pair.id}.png"))
+        assert ((labels == SKY) <= (mask == 255)).all()  # the sky is always one-view
+        with Image.open(aerial_mask) as im:
+            assert im.size == (32, 32)
+    vigor = syn.Synthetic(root=vigor_world, split="test", layout="vigor", **SMALL)
+    ev = vigor.evaluation()
+    for path in ev.queries + ev.gallery:
+        assert syn.mask_path(path).is_file()
+
+
+def test_unmatched_is_a_validated_dataset_option_with_its_own_cache(tmp_path, monkeypatch):
+    from gengeo_bench import registry
+
+    with pytest.raises(ConfigError, match="unmatched"):
+        registry.validate_params("dataset", "synthetic", {"split": "train", "unmatched": 1.5})
+    assert registry.validate_params("dataset", "synthetic", {"split": "train"})["unmatched"] == 0.5
+    monkeypatch.setenv("GENGEO_CACHE", str(tmp_path))
+    default = syn.cache_dir("suburb", 6, 0, "cvusa", **SMALL)
+    assert syn.cache_dir("suburb", 6, 0, "cvusa", **SMALL, unmatched=0.5) == default
+    other = syn.Synthetic(region="suburb", pairs=6, seed=0, unmatched=1.0, **SMALL)
+    assert other.root == syn.cache_dir("suburb", 6, 0, "cvusa", **SMALL, unmatched=1.0) != default
+    assert other.record["unmatched"] == 1.0

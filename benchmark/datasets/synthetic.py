@@ -1,7 +1,8 @@
 """The synthetic cross-view world: generated on demand, read back as CVUSA or VIGOR.
 
 Paper: none; a procedural ray-cast world of this project (see
-`benchmark/synthetic_world.py` for the scene, the cameras and the conventions). It is
+`benchmark/synthetic_world.py` for the conventions, and the three modules it names for the
+regions, the scene and the cameras). It is
 the embedded default that lets every command run on a laptop without a download, and it
 is built to tell methods apart: ground and aerial views come from one 2.5-D scene, so
 geometry (streets, building heights and gaps, tree positions) links them, while
@@ -31,6 +32,18 @@ Layouts written:
   `(satellite name, d0, d1)` triples, positive first; the panorama sits at pixel
   (row, col) = (size/2 + d0, size/2 - d1) of the tile (VIGOR's convention, in the
   tile's own pixels rather than 640).
+
+One-view masks, in both layouts: every image has a mask in a `masks/` folder beside it,
+named like the image with a `.png` suffix (`bingmap/19/masks/0000001.png`,
+`streetview/panos/masks/0000001.png`, `<City>/satellite/masks/satellite_<lat>_<lon>.png`,
+`<City>/panorama/masks/<panoid>,<lat>,<lon>,.png`): a 1-bit PNG of the image's size, 255
+(True) where the pixel shows content only that view has (`mask_path(image)` gives the
+path, `Synthetic.mask_paths(pair)` both of a pair's). Panorama: sky and clouds, vehicles
+and people; aerial: cloud shadows and the aerial capture's own vehicles
+(`world_render` says exactly what and how). `unmatched` (0..1, default 0.5: the world
+as it was before the option) sets how much of each pair only one view shows: the
+panoramas' vehicles and people (2u times the region's density), the aerial's
+cloud-shadow cover (up to u) and, above 0.5, vehicles of the aerial's own.
 """
 
 from __future__ import annotations
@@ -52,32 +65,35 @@ import numpy as np
 from PIL import Image
 from pydantic import Field
 
+from gengeo_bench import synthetic_world
 from gengeo_bench.datasets.base import CheckReport, CrossViewDataset, EvalSplit, Pair
 from gengeo_bench.errors import ConfigError, DataError
 from gengeo_bench.synthetic_world import (
+    DEFAULT_UNMATCHED,
     LABELS,
     REGIONS,
     World,
+    check_unmatched,
     describe_region,
     get_region,
     region_record,
     render_batch,
 )
 
-__all__ = ["REGIONS", "GENERATOR_VERSION", "Synthetic", "describe_region", "generate"]
+__all__ = ["REGIONS", "GENERATOR_VERSION", "Synthetic", "describe_region", "generate", "mask_path"]
 
 GENERATOR_VERSION = 1
 
 
 def _generator_fingerprint() -> str:
-    """A hash of the generator's two modules (the renderer and this writer): a world cached
-    by other code is regenerated even when nobody bumped GENERATOR_VERSION. Any edit to
-    either file costs one regeneration (about a minute for the quickstart's regions)."""
-    from gengeo_bench import synthetic_world
-
+    """A hash of the generator's modules (the world's `SOURCE_MODULES` and this writer): a
+    world cached by other code is regenerated even when nobody bumped GENERATOR_VERSION.
+    Any edit to one of them costs one regeneration (seconds for the quickstart's regions)."""
+    folder = Path(synthetic_world.__file__).parent
     digest = hashlib.sha256()
-    for source in (Path(synthetic_world.__file__), Path(__file__)):
-        digest.update(source.read_bytes())
+    for name in synthetic_world.SOURCE_MODULES:
+        digest.update((folder / f"{name}.py").read_bytes())
+    digest.update(Path(__file__).read_bytes())
     return digest.hexdigest()[:16]
 
 
@@ -86,7 +102,7 @@ LAYOUTS = ("cvusa", "vigor")
 DEFAULT_AERIAL = 128
 DEFAULT_PANO = (64, 256)
 JPEG_QUALITY = 90
-BATCH = 8  # cameras rendered together (amortises numpy's per-call overhead)
+BATCH = 8  # cameras per rendering job (the unit of work of a worker process)
 
 # how many times `generate` has run in this process (tests check the cache with it)
 generation_count = 0
@@ -97,8 +113,10 @@ generation_count = 0
 
 
 def _check_args(region: str, pairs: int, layout: str, aerial_size: int, pano_size,
-                test_fraction: float) -> None:
+                test_fraction: float, unmatched: float = DEFAULT_UNMATCHED) -> None:
     get_region(region)  # ConfigError listing the known regions
+    if not 0.0 <= float(unmatched) <= 1.0:
+        raise ConfigError(f"synthetic: unmatched must be in [0, 1], got {unmatched}")
     if layout not in LAYOUTS:
         raise ConfigError(f"synthetic: unknown layout '{layout}'; expected one of {list(LAYOUTS)}")
     if int(pairs) < 2:
@@ -158,13 +176,26 @@ def _save_png(img: np.ndarray, path: Path) -> None:
     Image.fromarray(img).save(path, format="PNG", compress_level=1)
 
 
+def mask_path(image: Path | str) -> Path:
+    """Where the one-view mask of a synthetic image is: `masks/<stem>.png` beside it."""
+    image = Path(image)
+    return image.parent / "masks" / f"{image.stem}.png"
+
+
+def _save_mask(mask: np.ndarray, image: Path) -> None:
+    """A boolean mask as a 1-bit PNG (reads back as 0/255 in mode L) at mask_path(image)."""
+    path = mask_path(image)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.asarray(mask, dtype=bool)).save(path, format="PNG")
+
+
 def _pair_seed(seed: int, index: int) -> int:
     digest = hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=4).digest()
     return int.from_bytes(digest, "little")
 
 
 def _world_record(region: str, seed: int, pairs: int, layout: str, aerial_size: int,
-                  pano_size, test_fraction: float) -> dict:
+                  pano_size, test_fraction: float, unmatched: float) -> dict:
     r = get_region(region)
     H, W = pano_size
     return {
@@ -178,6 +209,7 @@ def _world_record(region: str, seed: int, pairs: int, layout: str, aerial_size: 
         "aerial_size": int(aerial_size),
         "pano_size": [int(H), int(W)],
         "test_fraction": float(test_fraction),
+        "unmatched": float(unmatched),
         "tile_m": r.tile_m,
         "gsd_m": r.tile_m / aerial_size,
         "cam_height_m": r.cam_height,
@@ -196,6 +228,9 @@ def _world_record(region: str, seed: int, pairs: int, layout: str, aerial_size: 
             "labels": {str(k): v for k, v in LABELS.items()},
             "vigor_offsets": "the panorama is at pixel (row, col) = (S/2 + d0, S/2 - d1) of a "
                              "tile of S pixels",
+            "masks": "masks/<image stem>.png beside each image: 1-bit, 255 where the pixel "
+                     "shows content only that view has (panorama: sky, clouds, vehicles, "
+                     "people; aerial: cloud shadows, the aerial capture's vehicles)",
         },
         "region_params": region_record(region),
     }
@@ -214,27 +249,31 @@ def generate(
     city: str | None = None,
     progress: Callable[[int, int], None] | None = None,
     workers: int = 1,
+    unmatched: float = DEFAULT_UNMATCHED,
 ) -> Path:
     """Render `pairs` ground/aerial pairs of `region` into `out`; returns `out`.
 
     Deterministic: the same arguments give byte-identical files, whatever `workers`
     (processes rendering batches of cameras in parallel). `world.json` (written last)
     describes the region, the seed, the sizes and the conventions. `city` names the city
-    folder of the VIGOR layout (default: the region's name in CamelCase).
+    folder of the VIGOR layout (default: the region's name in CamelCase). `unmatched`
+    sets how much of each pair only one view shows (the module docstring).
     """
     global generation_count
-    _check_args(region, pairs, layout, aerial_size, pano_size, test_fraction)
+    _check_args(region, pairs, layout, aerial_size, pano_size, test_fraction, unmatched)
+    unmatched = check_unmatched(unmatched)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     world = World(region, seed)
     pano_size = (int(pano_size[0]), int(pano_size[1]))
-    record = _world_record(region, seed, pairs, layout, aerial_size, pano_size, test_fraction)
+    record = _world_record(region, seed, pairs, layout, aerial_size, pano_size, test_fraction,
+                           unmatched)
     if layout == "cvusa":
         record.update(_generate_cvusa(out, world, pairs, seed, aerial_size, pano_size,
-                                      test_fraction, progress, workers))
+                                      test_fraction, progress, workers, unmatched))
     else:
         record.update(_generate_vigor(out, world, pairs, seed, aerial_size, pano_size,
-                                      test_fraction, city, progress, workers))
+                                      test_fraction, city, progress, workers, unmatched))
     record["complete"] = True
     (out / "world.json").write_text(json.dumps(record, indent=2) + "\n")
     generation_count += 1
@@ -256,24 +295,31 @@ def _world(region: str, seed: int) -> World:
 
 
 def _render_job(job: tuple) -> int:
-    """Render one batch of cameras and write its files (runs in a worker process)."""
-    kind, region, seed, cams, seeds, pano_size, aerial_size, paths = job
+    """Render one batch of cameras and write its files and masks (in a worker process)."""
+    kind, region, seed, cams, seeds, pano_size, aerial_size, paths, unmatched = job
     world = _world(region, seed)
     if kind == "pair":
-        panos, aerials = render_batch(world, cams, seeds, pano_size, aerial_size)
-        for (pano, labels), aerial, (p_aer, p_pano, p_ann) in zip(panos, aerials, paths,
-                                                                  strict=True):
+        panos, aerials = render_batch(world, cams, seeds, pano_size, aerial_size,
+                                      unmatched=unmatched, masks=True)
+        for (pano, labels, p_mask), (aerial, a_mask), (p_aer, p_pano, p_ann) in zip(
+                panos, aerials, paths, strict=True):
             _save_jpeg(aerial, p_aer)
+            _save_mask(a_mask, p_aer)
             _save_jpeg(pano, p_pano)
+            _save_mask(p_mask, p_pano)
             _save_png(labels, p_ann)
     elif kind == "tile":
-        _, aerials = render_batch(world, cams, seeds, None, aerial_size)
-        for aerial, path in zip(aerials, paths, strict=True):
+        _, aerials = render_batch(world, cams, seeds, None, aerial_size, unmatched=unmatched,
+                                  masks=True)
+        for (aerial, mask), path in zip(aerials, paths, strict=True):
             _save_png(aerial, path)
+            _save_mask(mask, path)
     else:
-        panos, _ = render_batch(world, cams, seeds, pano_size, None)
-        for (pano, _labels), path in zip(panos, paths, strict=True):
+        panos, _ = render_batch(world, cams, seeds, pano_size, None, unmatched=unmatched,
+                                masks=True)
+        for (pano, _labels, mask), path in zip(panos, paths, strict=True):
             _save_jpeg(pano, path)
+            _save_mask(mask, path)
     return len(cams)
 
 
@@ -298,7 +344,7 @@ def _run_jobs(jobs: list, workers: int, progress, done: int, total: int) -> int:
 
 
 def _generate_cvusa(out, world, pairs, seed, aerial_size, pano_size, test_fraction,
-                    progress, workers) -> dict:
+                    progress, workers, unmatched) -> dict:
     region = world.region
     cams = camera_positions(world, pairs, region.tile_m, seed)
     aer_dir = out / "bingmap" / "19"
@@ -314,7 +360,8 @@ def _generate_cvusa(out, world, pairs, seed, aerial_size, pano_size, test_fracti
         paths = [(aer_dir / f"{ids[i]}.jpg", pano_dir / f"{ids[i]}.jpg",
                   ann_dir / f"{ids[i]}.png") for i in index]
         jobs.append(("pair", world.region.name, world.seed, cams[start:index.stop],
-                     [_pair_seed(seed, i) for i in index], pano_size, aerial_size, paths))
+                     [_pair_seed(seed, i) for i in index], pano_size, aerial_size, paths,
+                     unmatched))
     _run_jobs(jobs, workers, progress, 0, pairs)
     lines = [f"bingmap/19/{pid}.jpg,streetview/panos/{pid}.jpg,streetview/annotations/{pid}.png"
              for pid in ids]
@@ -354,7 +401,7 @@ def vigor_tiles(xy: np.ndarray, tile_m: float) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _generate_vigor(out, world, pairs, seed, aerial_size, pano_size, test_fraction, city,
-                    progress, workers) -> dict:
+                    progress, workers, unmatched) -> dict:
     region = world.region
     city = city or city_name(region.name)
     tile_m = region.tile_m
@@ -382,12 +429,12 @@ def _generate_vigor(out, world, pairs, seed, aerial_size, pano_size, test_fracti
         jobs.append(("tile", region.name, world.seed, [(a * stride, b * stride) for a, b in chunk],
                      [_pair_seed(seed, 10_000_000 + (a & 0xFFFF) * 65536 + (b & 0xFFFF))
                       for a, b in chunk], pano_size, aerial_size,
-                     [sat_dir / sat_names[key] for key in chunk]))
+                     [sat_dir / sat_names[key] for key in chunk], unmatched))
     for start in range(0, pairs, BATCH):
         index = range(start, min(start + BATCH, pairs))
         jobs.append(("pano", region.name, world.seed, cams[start:index.stop],
                      [_pair_seed(seed, i) for i in index], pano_size, aerial_size,
-                     [pano_dir / names[i] for i in index]))
+                     [pano_dir / names[i] for i in index], unmatched))
     _run_jobs(jobs, workers, progress, 0, len(unique) + pairs)
     lines = []
     for index, (x, y) in enumerate(cams):
@@ -421,10 +468,13 @@ def cache_root() -> Path:
 
 
 def cache_dir(region: str, pairs: int, seed: int, layout: str,
-              aerial_size: int = DEFAULT_AERIAL, pano_size=DEFAULT_PANO) -> Path:
+              aerial_size: int = DEFAULT_AERIAL, pano_size=DEFAULT_PANO,
+              unmatched: float = DEFAULT_UNMATCHED) -> Path:
     name = f"{region}-{pairs}-{seed}-{layout}"
     if int(aerial_size) != DEFAULT_AERIAL or tuple(pano_size) != DEFAULT_PANO:
         name += f"-a{aerial_size}-p{pano_size[0]}x{pano_size[1]}"
+    if float(unmatched) != DEFAULT_UNMATCHED:
+        name += f"-u{float(unmatched):g}"
     return cache_root() / "synthetic" / name
 
 
@@ -480,7 +530,7 @@ def _remove_stale_temps(target: Path) -> None:
 
 def ensure_generated(target: Path, region: str, pairs: int, seed: int, layout: str,
                      aerial_size: int = DEFAULT_AERIAL, pano_size=DEFAULT_PANO,
-                     test_fraction: float = 0.2) -> Path:
+                     test_fraction: float = 0.2, unmatched: float = DEFAULT_UNMATCHED) -> Path:
     """Generate into `target` unless a complete, matching generation is already there.
 
     The world is written into a temporary sibling directory and renamed into place, so
@@ -489,7 +539,7 @@ def ensure_generated(target: Path, region: str, pairs: int, seed: int, layout: s
     """
     target = Path(target)
     expect = dict(region=region, pairs=int(pairs), seed=int(seed), layout=layout,
-                  aerial_size=int(aerial_size), pano_size=pano_size)
+                  aerial_size=int(aerial_size), pano_size=pano_size, unmatched=float(unmatched))
     if is_complete(target, **expect):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -497,7 +547,7 @@ def ensure_generated(target: Path, region: str, pairs: int, seed: int, layout: s
     tmp = target.parent / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         generate(tmp, region, pairs, seed, layout, aerial_size, pano_size, test_fraction,
-                 workers=default_workers(pairs))
+                 workers=default_workers(pairs), unmatched=unmatched)
         if target.exists() and not is_complete(target, **expect):
             shutil.rmtree(target, ignore_errors=True)
         try:
@@ -558,6 +608,11 @@ class Synthetic(CrossViewDataset):
     `/synthetic/<region>-<pairs>-<seed>-<layout>/`, once; an existing complete
     generation is reused. With a `root`, an existing world (or any directory in the same
     layout) is read as it is, and an empty or missing `root` is generated into.
+
+    `unmatched` (0..1, default 0.5) sets how much of each pair only one view shows; a
+    world with another value is cached under its own name (`-u<value>`). Each image's
+    one-view mask is at `mask_path(image)`: `masks/<stem>.png` beside it (1-bit PNG, 255
+    where the pixel shows content only that view has); `mask_paths(pair)` gives a pair's.
     """
 
     name = "synthetic"
@@ -572,14 +627,16 @@ class Synthetic(CrossViewDataset):
         layout: Literal["cvusa", "vigor"] = "cvusa",
         aerial_size: Annotated[int, Field(ge=8)] = DEFAULT_AERIAL,
         pano_size: tuple[int, int] = DEFAULT_PANO,
+        unmatched: Annotated[float, Field(ge=0.0, le=1.0)] = DEFAULT_UNMATCHED,
     ):
         if split not in ("train", "test"):
             raise ConfigError(f"synthetic: unknown split '{split}'; expected 'train' or 'test'")
-        _check_args(region, pairs, layout, aerial_size, pano_size, 0.2)
+        _check_args(region, pairs, layout, aerial_size, pano_size, 0.2, unmatched)
         pano_size = (int(pano_size[0]), int(pano_size[1]))
         if root is None:
-            root = ensure_generated(cache_dir(region, pairs, seed, layout, aerial_size, pano_size),
-                                    region, pairs, seed, layout, aerial_size, pano_size)
+            root = ensure_generated(
+                cache_dir(region, pairs, seed, layout, aerial_size, pano_size, unmatched),
+                region, pairs, seed, layout, aerial_size, pano_size, unmatched=unmatched)
         else:
             root = Path(root).expanduser()
             if _read_record(root) is None and not (root / "splits").is_dir():
@@ -587,7 +644,8 @@ class Synthetic(CrossViewDataset):
                     raise DataError(
                         f"{root}: neither a synthetic world (no world.json) nor an empty "
                         "directory to generate one into; pass root=None to use the cache")
-                ensure_generated(root, region, pairs, seed, layout, aerial_size, pano_size)
+                ensure_generated(root, region, pairs, seed, layout, aerial_size, pano_size,
+                                 unmatched=unmatched)
         super().__init__(root, split)
         record = _read_record(self.root) or {}
         self.region = record.get("region", region)
@@ -644,6 +702,10 @@ class Synthetic(CrossViewDataset):
             gallery_locations=np.asarray(gallery_loc, np.float64).reshape(-1, 2),
             offsets=np.asarray(offsets, np.float64).reshape(-1, 2),
         )
+
+    def mask_paths(self, pair: Pair) -> tuple[Path, Path]:
+        """The one-view masks of a pair: (ground, aerial), `mask_path` of each image."""
+        return mask_path(pair.ground), mask_path(pair.aerial)
 
     def evaluation(self) -> EvalSplit:
         if self._eval is not None:
