@@ -485,6 +485,10 @@ def explain_target(cell: Cell, model: CrossViewModel, key: str, out: Path, devic
         samples = list(zip(ground, aerial, strict=True))
         m, dustbin = num_clusters(head, ground[0].assign.shape[-1])
         numbers = measure(samples, m, dustbin, names)
+        if cell.model.aggregator.share == "none":  # index k is not one cluster across views
+            numbers["clusters_one_view_only"] = None
+            numbers["clusters_one_view_only_note"] = ("share: none: each view has its own "
+                                                      "clusters, so none is one view's only")
         numbers["pairs_measured"] = len(samples)
         numbers["pairs_drawn"] = [split.query_ids[q] for q in order]
         summary["assignments"] = numbers

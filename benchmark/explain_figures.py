@@ -278,7 +278,7 @@ def usage_figure(numbers: dict[str, Any], title: str, note: str, path: Path):
     top = max(max(usage["ground"]), max(usage["aerial"]), 1.0)
     for offset, view in ((-0.2, "ground"), (0.2, "aerial")):
         ax.bar(x + offset, usage[view], width=0.4, color=VIEW_COLOURS[view], label=view)
-    for view, clusters in numbers["clusters_one_view_only"].items():
+    for view, clusters in (numbers["clusters_one_view_only"] or {}).items():
         for k in clusters:
             ax.text(k, top * 1.04, f"{view}\nonly", ha="center", va="bottom", color=MISSED,
                     fontsize="x-small")

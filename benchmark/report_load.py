@@ -337,6 +337,12 @@ class ExplainStore:
         return Retrieval.load(folder / "retrieval.npz")
 
 
+def _clusters(only: dict[str, list[int]] | None, view: str) -> str | None:
+    """`[3, 7]` (the clusters only `view` uses, JSON), or None with share: none (one space
+    per view, so no cluster is one view's only)."""
+    return None if only is None else json.dumps(only[view])
+
+
 def explain_rows(runs: pd.DataFrame, results: pd.DataFrame, store: ExplainStore) -> pd.DataFrame:
     """One row per run x test dataset that has an explain.json with cluster assignments:
     what `explain.py` measured (percent), tidy; empty when no run has any."""
@@ -358,9 +364,9 @@ def explain_rows(runs: pd.DataFrame, results: pd.DataFrame, store: ExplainStore)
                "dustbin_on_unmatched": both.get("dustbin_on_unmatched", np.nan),
                "unmatched_base_rate": both.get("unmatched_base_rate", np.nan),
                "lift": both.get("lift", np.nan),
-               "ground_only_clusters": " ".join(map(str, numbers["clusters_one_view_only"]["ground"])),
-               "aerial_only_clusters": " ".join(map(str, numbers["clusters_one_view_only"]["aerial"])),
-               "unused_clusters": " ".join(map(str, numbers["clusters_unused"]))}
+               "ground_only_clusters": _clusters(numbers["clusters_one_view_only"], "ground"),
+               "aerial_only_clusters": _clusters(numbers["clusters_one_view_only"], "aerial"),
+               "unused_clusters": json.dumps(numbers["clusters_unused"])}
         for c in dustbin.get("classes") or []:
             row[f"dustbin_on_{c['class']}"] = c["share_of_dustbin_mass"]
             row[f"patches_{c['class']}"] = c["share_of_patches"]

@@ -9,6 +9,7 @@ A table whose runs do not vary along its axes comes back with `skipped` saying w
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -343,6 +344,14 @@ def write_table(table: Table, folder: Path) -> list[str]:
     return [f"{table.name}.md", f"{table.name}.csv", f"{table.name}.tex"]
 
 
+def _cluster_list(value: Any) -> str:
+    """`3 7` from the CSV's `[3, 7]`; a dash for none; n/a when it does not apply (share: none)."""
+    if not isinstance(value, str):
+        return "n/a"
+    clusters = json.loads(value)
+    return " ".join(map(str, clusters)) if clusters else DASH
+
+
 def inside_table(inside: pd.DataFrame, methods: list[str]) -> Table:
     """What `benchmark run` measured inside each Cell with cluster assignments (explain.py)."""
     table = Table("inside", "Inside the models: clusters and the dustbin",
@@ -377,9 +386,9 @@ def inside_table(inside: pd.DataFrame, methods: list[str]) -> Table:
             DASH if not finite(on) else f"{on:.2f} ({share:.2f})"
             for on, share in zip(data[f"dustbin_on_{c}"], data[f"patches_{c}"], strict=True)]
            for c in classes},
-        "ground-only clusters": data["ground_only_clusters"].replace("", DASH),
-        "aerial-only clusters": data["aerial_only_clusters"].replace("", DASH),
-        "unused clusters": data["unused_clusters"].replace("", DASH),
+        "ground-only clusters": data["ground_only_clusters"].map(_cluster_list),
+        "aerial-only clusters": data["aerial_only_clusters"].map(_cluster_list),
+        "unused clusters": data["unused_clusters"].map(_cluster_list),
     })
     table.data, table.display = data, display
     return table

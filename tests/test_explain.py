@@ -394,6 +394,11 @@ def test_run_logs_explain_artifacts_and_the_report_shows_them(data_root, tmp_pat
     inside = pd.read_csv(out / "inside.csv")
     assert len(inside) == 2 and inside["patches_sky"].tolist() == pytest.approx([50.0, 50.0])
     assert inside["dustbin_share"].tolist() == pytest.approx([75.0, 75.0], abs=0.05)
+    # share: none has one cluster space per view: no cluster is "one view's only".
+    only = dict(zip(inside["method"], inside["ground_only_clusters"], strict=True))
+    assert pd.isna(only["resnet_tiny + salad[none, dustbin]"])
+    assert isinstance(json.loads(only["resnet_tiny + salad[clusters, dustbin]"]), list)
+    assert "| n/a |" in (out / "inside.md").read_text()
     figures = {p.name for p in (out / "figures").glob("inside_*.png")}
     assert len(figures) == 4 and sum(n.endswith("_assignments.png") for n in figures) == 2
     deltas = pd.read_csv(out / "deltas.csv")
