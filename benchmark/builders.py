@@ -17,7 +17,7 @@ import yaml
 
 from gengeo_bench import registry
 from gengeo_bench.cache import TensorCache
-from gengeo_bench.config import Cell, DatasetRef, validate_cell
+from gengeo_bench.config import Cell, DatasetRef, parse_options, validate_cell
 from gengeo_bench.datasets.base import CrossViewDataset
 from gengeo_bench.errors import ConfigError, DataError
 from gengeo_bench.model import CrossViewModel
@@ -112,12 +112,7 @@ def retarget_cell(data: dict[str, Any], dataset: str, root: str | None = None, s
     The dataset becomes the only target, under the key `EVAL_KEY`; `options` are loader
     options as `KEY=VALUE` strings (values read as YAML: `pairs=300`, `corrected=true`).
     """
-    params = {}
-    for text in options:
-        key, sep, value = text.partition("=")
-        if not sep:
-            raise ConfigError(f"--option {text!r}: expected KEY=VALUE.")
-        params[key] = yaml.safe_load(value)
+    params = parse_options(options, "dataset", dataset)
     data = dict(data)
     data["datasets"] = {**data.get("datasets", {}), EVAL_KEY: DatasetRef(
         name=dataset, root=root, test_split=split, train_split=split, **params).model_dump()}

@@ -210,6 +210,46 @@ def set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
         node[last] = value
 
 
+# --- KEY=VALUE options on the command line -------------------------------------------
+
+
+def parse_options(items: tuple[str, ...] | list[str], kind: str, name: str) -> dict[str, Any]:
+    """`--option key=value` strings for plugin `name` -> {key: value}.
+
+    Values are read as YAML (`pairs=300`, `corrected=true`, `cities=[Chicago, Seattle]`).
+    For a parameter whose type is a list, a plain `a,b` or a single `a` is the list
+    `['a', 'b']` / `['a']`. Types and ranges are then checked like a file's values.
+    """
+    lists = _list_params(kind, name)
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"--option {item!r}: expected key=value (e.g. --option protocol=within_5m).")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            value = raw
+        if key in lists and isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        out[key] = value
+    return out
+
+
+def _list_params(kind: str, name: str) -> set[str]:
+    """Parameters of plugin `name` whose type hint accepts a list."""
+    import typing
+
+    hints = registry._type_hints(registry.get(kind, name).load())
+    out = set()
+    for key, hint in hints.items():
+        options = (hint, *typing.get_args(hint))
+        if any(h is list or typing.get_origin(h) is list for h in options):
+            out.add(key)
+    return out
+
+
 # --- loading -------------------------------------------------------------------------
 
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")

@@ -51,53 +51,15 @@ def data() -> None:
     """
 
 
-def parse_options(items: tuple[str, ...]) -> dict[str, Any]:
-    """`("key=value", ...)` -> {key: YAML-parsed value}; 'a,b' becomes ['a', 'b']."""
-    import yaml
-
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"--option {item!r}: expected key=value (e.g. --option protocol=within_5m).")
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else None
-        except yaml.YAMLError:
-            value = raw
-        if isinstance(value, str) and "," in value and not value.endswith(".csv"):
-            value = [v.strip() for v in value.split(",") if v.strip()]
-        out[key.strip()] = value
-    return out
-
-
 def load_dataset(dataset: str, root: str, split: str | None, options: tuple[str, ...]) -> Any:
     """Build a registered dataset; unknown names and bad options are ConfigErrors."""
     from gengeo_bench import registry
+    from gengeo_bench.config import parse_options
 
-    params: dict[str, Any] = {"root": str(root), **parse_options(options)}
-    hints = _list_params(registry.get("dataset", dataset).load())
-    for key, value in params.items():
-        if key in hints and isinstance(value, str):
-            params[key] = [value]  # `-o cities=Chicago` means a one-element list
+    params: dict[str, Any] = {"root": str(root), **parse_options(options, "dataset", dataset)}
     if split is not None:
         params["split"] = split
     return registry.build("dataset", dataset, **params)
-
-
-def _list_params(target: Any) -> set[str]:
-    """Names of constructor parameters whose type hint accepts a list."""
-    import typing
-
-    try:
-        hints = typing.get_type_hints(target.__init__)
-    except Exception:
-        return set()
-    out = set()
-    for name, hint in hints.items():
-        options = typing.get_args(hint) if typing.get_origin(hint) is not list else (hint,)
-        if any(typing.get_origin(h) is list or h is list for h in (hint, *options)):
-            out.add(name)
-    return out
 
 
 @data.command("check")
