@@ -118,9 +118,30 @@ class SALAD(Aggregator):
         # Rescale so each patch's column sums to 1 (the reference's `log_P - norm`).
         return (log_p - log_norm).exp()
 
+    @staticmethod
+    def _tokens(patches: torch.Tensor) -> torch.Tensor:
+        """`[B, C, h, w]` -> token-major `[B, h*w, C]` (row-major patches): a view when the
+        map is channels-last in memory (ViT tokens, channels-last CNNs), else one copy."""
+        b, c, h, w = patches.shape
+        return patches.permute(0, 2, 3, 1).reshape(b, h * w, c)
+
+    @staticmethod
+    def _mlp(mlp: nn.Sequential, tokens: torch.Tensor) -> torch.Tensor:
+        """A (1x1 conv, dropout, ReLU, 1x1 conv) branch applied to tokens `[B, n, C]`.
+
+        The same arithmetic as the convolutions (their weights `[out, in, 1, 1]` viewed as
+        `[out, in]`), as two matrix products over all B * n tokens at once: CPU GEMMs run
+        near their peak on this shape, 1x1 convolutions do not. In training, dropout draws
+        its mask over the token-major layout: the reference's distribution, other bits.
+        """
+        first, drop, _, last = mlp
+        hidden = drop(F.linear(tokens, first.weight.flatten(1), first.bias))
+        return F.linear(F.relu(hidden, inplace=True), last.weight.flatten(1), last.bias)
+
     def transport_plan(self, features: Features) -> torch.Tensor:
         """The plan `[B, m+1, n]` (dustbin row last) or `[B, m, n]` without a dustbin."""
-        return self._plan(self.score(features.patches).flatten(2))
+        scores = self._mlp(self.score, self._tokens(features.patches))  # [B, n, m]
+        return self._plan(scores.transpose(1, 2))
 
     def assignments(self, features: Features) -> torch.Tensor:
         """Each patch's mass per cluster, `[B, h*w, m(+1)]` (dustbin last): the plan's columns.
@@ -132,13 +153,14 @@ class SALAD(Aggregator):
         return self.transport_plan(features).transpose(1, 2)
 
     def forward(self, features: Features) -> torch.Tensor:
-        x = features.patches
-        f = self.cluster_features(x).flatten(2)  # [B, l, n]
-        plan = self._plan(self.score(x).flatten(2))[:, : self.num_clusters]  # [B, m, n]
+        tokens = self._tokens(features.patches)
+        f = self._mlp(self.cluster_features, tokens)  # [B, n, l]
+        scores = self._mlp(self.score, tokens).transpose(1, 2)  # [B, m, n]
+        plan = self._plan(scores)[:, : self.num_clusters]  # [B, m, n]
         t = self.token_features(features.global_token)  # [B, g]
-        # V[b, l, k] = sum_n f[b, l, n] P[b, k, n]: one batched matmul instead of the
-        # reference's two repeated [B, l, m, n] tensors.
-        v = torch.bmm(f, plan.transpose(1, 2))
+        # V[b, l, k] = sum_n f[b, n, l] P[b, k, n]: one batched matmul (of transposed views)
+        # instead of the reference's two repeated [B, l, m, n] tensors.
+        v = torch.bmm(f.transpose(1, 2), plan.transpose(1, 2))
         v = F.normalize(v, p=2, dim=1).flatten(1)  # l-major: entry l*m + k
         out = torch.cat([F.normalize(t, p=2, dim=-1), v], dim=-1)
         return F.normalize(out, p=2, dim=-1)

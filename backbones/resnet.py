@@ -6,7 +6,8 @@ ImageNet weights: "ResNet strikes back: An improved training procedure in timm"
 
 `ResNet(images)` returns `Features(patches [B, C, H/32, W/32], cls=None)`: the map of the
 last stage (timm's `forward_features`: stem, layer1..layer4, no pooling). Input sides must
-be multiples of 32 (the total stride) so that the map covers the image exactly.
+be multiples of 32 (the total stride) so that the map covers the image exactly. Weights,
+inputs and the map are channels-last in memory (a layout, not a shape).
 
 Weights: `pretrained: true` loads timm's default weights for `arch` from the Hugging Face
 cache (see `benchmark.weights`); `weights: PATH` loads a local timm / torchvision-layout
@@ -95,6 +96,10 @@ class ResNet(Backbone):
         self.model = model
         if weights is not None:
             self.load_weights(weights)
+        # Channels-last (NHWC) weights and inputs: faster convolutions and pooling on CPU
+        # and GPU alike (perf/bench_resnet_step.py), and a patch map whose token-major view
+        # is free for the aggregators that work on tokens (SALAD).
+        model.to(memory_format=torch.channels_last)
 
         self.out_dim: int = model.num_features
         self.patch_size: int = output_stride
@@ -130,7 +135,7 @@ class ResNet(Backbone):
     def forward(self, images: torch.Tensor) -> Features:
         check_input_size(images.shape[2], images.shape[3], self.patch_size, self._what)
         grad = torch.is_grad_enabled()
-        x = images
+        x = images.contiguous(memory_format=torch.channels_last)
         with torch.set_grad_enabled(grad and self.trainable_blocks is None):
             for part in self.stem:
                 x = part(x)

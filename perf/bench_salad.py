@@ -10,6 +10,11 @@ multiplied and summed over n. Ours computes the same sum as one batched matmul. 
 the very same module (weights), in train mode (dropout 0.3), with gradients flowing to the
 weights and to the input features (the backbone's last blocks train).
 
+The GEMM floor: SALAD's step is mostly its MLPs' matrix products (forward, and backward
+to the weights and to the input features): `mlp_flops` counts them, and the machine's
+sgemm rate, measured in this run on the first layer's shape with the same threads,
+turns them into the least time a step can take. Ours is printed as a multiple of it.
+
 Each implementation runs in its own child process, so its peak memory is its own:
 - cuda: `torch.cuda.max_memory_allocated` minus the allocation before the first warm-up
   (the tensors of the step: activations, gradients, temporaries);
@@ -66,6 +71,37 @@ def straightforward(model: SALAD, features: Features) -> torch.Tensor:
     v_agg = F.normalize((f * p).sum(dim=-1), p=2, dim=1).flatten(1)
     out = torch.cat([F.normalize(t, p=2, dim=-1), v_agg], dim=-1)
     return F.normalize(out, p=2, dim=-1)
+
+
+def mlp_flops(batch: int, channels: int, patches: int, model: SALAD) -> float:
+    """FLOPs of the MLPs' matrix products in one forward + backward step.
+
+    A linear layer of M rows, K inputs and N outputs costs 2MKN forward and 4MKN backward
+    (the gradients of its input and of its weight).
+    """
+    hidden = 512
+    per_patch = (channels * hidden + hidden * model.cluster_dim
+                 + channels * hidden + hidden * model.num_clusters)
+    per_image = channels * hidden + hidden * model.token_dim
+    return 6.0 * (batch * patches * per_patch + batch * per_image)
+
+
+def sgemm_gflops(rows: int, inner: int, cols: int, device: torch.device, repeats: int = 5) -> float:
+    """The machine's float32 GEMM rate on a [rows, inner] x [inner, cols] product."""
+    a = torch.randn(rows, inner, device=device)
+    b = torch.randn(inner, cols, device=device)
+    for _ in range(2):
+        a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return 2.0 * rows * inner * cols / min(times) / 1e9
 
 
 def peak_rss_bytes() -> int:
@@ -179,6 +215,15 @@ def main() -> None:
         f"  straightforward / ours: time {ref['ms'] / ours['ms']:.2f}x, peak memory "
         f"{ref['peak_bytes'] / max(ours['peak_bytes'], 1):.2f}x"
     )
+    device = torch.device(args.device)
+    patches = args.grid * args.grid
+    flops = mlp_flops(args.batch, args.channels, patches, SALAD(in_dim=args.channels))
+    rate = sgemm_gflops(args.batch * patches, args.channels, 512, device)
+    floor_ms = 1e3 * flops / (rate * 1e9)
+    print(f"  GEMM floor: {flops / 1e9:.1f} GFLOP of MLP matrix products per step at "
+          f"{rate:.0f} GFLOP/s (sgemm [{args.batch * patches}x{args.channels}] x "
+          f"[{args.channels}x512], measured now) = {floor_ms:.0f} ms; ours = "
+          f"{ours['ms'] / floor_ms:.2f}x the floor")
     d_out = (saved["ours"]["out"] - saved["straightforward"]["out"]).abs().max().item()
     d_grad = (saved["ours"]["grad"] - saved["straightforward"]["grad"]).abs().max().item()
     print(f"  same result: max |descriptor diff| {d_out:.2e}, max |input-grad diff| {d_grad:.2e}")

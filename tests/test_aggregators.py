@@ -564,3 +564,39 @@ def test_avgpool_is_layernorm_of_the_mean():
     assert set(head.state_dict()) == {"norm.weight", "norm.bias"} and head.norm.eps == 1e-6
     plain = AvgPool(in_dim=16, norm=False)
     torch.testing.assert_close(plain(feats), F.normalize(mean, dim=1))
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "transposed"])
+def test_salad_token_major_forward_equals_the_convolutions(layout):
+    """SALAD runs its 1x1-convolution MLPs as matrix products on token-major features: the
+    same descriptor and the same gradients as the convolutions, whatever the map's layout."""
+    torch.manual_seed(0)
+    model = SALAD(in_dim=16, dustbin=True, dropout=0.0, **SMALL_SALAD).train()
+    feats = features(b=3, c=16, h=4, w=5, seed=2)
+    patches = feats.patches
+    if layout == "channels_last":
+        patches = patches.contiguous(memory_format=torch.channels_last)
+    elif layout == "transposed":  # a ViT's tokens [B, n, C] seen as a map
+        patches = patches.flatten(2).transpose(1, 2).contiguous().transpose(1, 2).reshape(3, 16, 4, 5)
+    ours_in = patches.detach().clone().requires_grad_(True)
+    ref_in = feats.patches.detach().clone().requires_grad_(True)
+
+    def convolutions(x: torch.Tensor) -> torch.Tensor:  # the reference's form of forward
+        f = model.cluster_features(x).flatten(2)
+        plan = model._plan(model.score(x).flatten(2))[:, : model.num_clusters]
+        v = F.normalize(torch.bmm(f, plan.transpose(1, 2)), dim=1).flatten(1)
+        t = F.normalize(model.token_features(feats.cls), dim=-1)
+        return F.normalize(torch.cat([t, v], dim=-1), dim=-1)
+
+    weights = torch.randn(3, model.out_dim)
+    got = model(Features(ours_in, feats.cls))
+    want = convolutions(ref_in)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    (got * weights).sum().backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad()
+    (want * weights).sum().backward()
+    torch.testing.assert_close(ours_in.grad, ref_in.grad, atol=1e-5, rtol=0)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(grads[name], p.grad, atol=1e-5, rtol=0, msg=name)
+    assert grads["cluster_features.0.weight"].abs().sum() > 0

@@ -478,3 +478,19 @@ def test_full_size_entries_construct_on_the_meta_device(name):
         first = model.num_blocks - params["trainable_blocks"]
         assert any(n.startswith(block.format(first)) for n in trains)
         assert not any(n.startswith(block.format(first - 1)) for n in trains)
+
+
+def test_resnet_runs_channels_last_with_the_values_of_the_contiguous_network():
+    """ResNet keeps weights, inputs and its map channels-last (faster on CPU): a layout
+    only, the map's values are those of the same timm network run contiguous (NCHW)."""
+    model = tiny("resnet_small")
+    assert model.model.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    x = images(*sizes("resnet_small")["aerial"])
+    with torch.no_grad():
+        got = model(x).patches
+        plain = copy.deepcopy(model.model).to(memory_format=torch.contiguous_format)
+        want = plain.forward_features(x.contiguous())
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    assert got.shape == want.shape == (2, 128, 4, 4)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert want.abs().mean() > 0.01
