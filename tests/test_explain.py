@@ -434,3 +434,31 @@ def test_dustbin_with_nothing_left_is_strict_json(data_root, tmp_path):
     assert explain.cell_metrics("d", summary) == {
         "test/d/dustbin_share": pytest.approx(0.0, abs=1e-6),
         "test/d/unmatched_base_rate": pytest.approx(100 * 11 / 32)}
+
+
+def test_explain_reads_the_synthetic_worlds_masks(tmp_path, monkeypatch):
+    """The world's own masks (`Synthetic.mask_paths`) are the ones explain reads, and the
+    world's `unmatched` option moves the share of one-view patches the way it says."""
+    from gengeo_bench.builders import open_dataset
+
+    monkeypatch.setenv("GENGEO_CACHE", str(tmp_path / "cache"))
+    base = {}
+    for unmatched in (0.0, 1.0):
+        cell = validate_cell({
+            "name": "x",
+            "model": {"backbone": {"name": "resnet_tiny"}, "aggregator": SALAD, "share_backbone": False},
+            "train": {"dataset": "d", "epochs": 0, "image_size": IMAGE_SIZE},
+            "evaluate": {"batch_size": 8},
+            "datasets": {"d": {"name": "synthetic", "region": "suburb", "pairs": 30,
+                               "unmatched": unmatched}},
+        }, "test")
+        dataset = open_dataset(cell.datasets["d"], "test")
+        for pair in dataset.pairs:
+            assert (explain.mask_path(pair.ground), explain.mask_path(pair.aerial)) == \
+                dataset.mask_paths(pair)
+        summary = explain.explain_target(cell, build_model(cell).eval(), "d", tmp_path / str(unmatched),
+                                         torch.device("cpu"))
+        both = summary["assignments"]["dustbin"]["unmatched"]["both"]
+        assert both["patches"] == 32 * len(dataset.pairs)
+        base[unmatched] = both["unmatched_base_rate"]
+    assert 0.0 <= base[0.0] < base[1.0] <= 100.0
