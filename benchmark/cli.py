@@ -320,13 +320,19 @@ RAY_ADDRESS_HELP = ("With --executor ray: 'auto' or HOST:PORT joins a running cl
               help="With --executor ray: GPUs per Cell task (default: the matrix's resources, else 0).")
 @click.option("--cpus-per-cell", type=click.FloatRange(min=0, min_open=True), default=None,
               help="With --executor ray: CPUs per Cell task (default: the matrix's resources, else 1).")
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Local executor: this many worker processes here sharing the Cells (the CPU "
+                   "threads split between them); e.g. 2 on a 2-core machine runs two small Cells "
+                   "side by side. Never two on one Cell.")
+@click.option("--join-run", "join_parent", default=None, hidden=True,
+              help="Internal: a worker started by --workers, under this parent run.")
 @click.option("--no-wait", is_flag=True,
               help="Local executor: leave when only Cells other workers hold are left, instead of "
                    "waiting to take over those whose worker dies.")
 def run(matrix_file: str, tracking_uri: str | None, reports_dir: str, runs_dir: str, dry_run: bool,
         keep_going: bool, dev: bool, only: str | None, device: str | None, no_report: bool,
         executor: str, ray_address: str | None, gpus_per_cell: float | None,
-        cpus_per_cell: float | None, no_wait: bool) -> None:
+        cpus_per_cell: float | None, workers: int, join_parent: str | None, no_wait: bool) -> None:
     """Run every Cell of a matrix file, tracked in MLflow, then write the report.
 
     Each Cell trains once and is evaluated on every target and protocol. Running the
@@ -356,7 +362,7 @@ def run(matrix_file: str, tracking_uri: str | None, reports_dir: str, runs_dir: 
     outcomes = run_matrix(matrix_file, tracking_uri, reports_dir, runs_dir, dry_run, keep_going,
                           only, device, report=not no_report, executor=executor, wait=not no_wait,
                           ray_address=ray_address, gpus_per_cell=gpus_per_cell,
-                          cpus_per_cell=cpus_per_cell)
+                          cpus_per_cell=cpus_per_cell, workers=workers, join_parent=join_parent)
     if any(o.status == "failed" for o in outcomes):
         sys.exit(1)
 
@@ -382,7 +388,8 @@ def _dev_matrix(matrix_file: str) -> str:
 
 @cli.command()
 @click.option("--matrix", "matrix_file", default=None, type=click.Path(dir_okay=False),
-              help="Report the experiment named in this matrix file (and its baseline).")
+              help="Report the experiment named in this matrix file (and its baseline); a "
+                   "shipped study's name (quickstart) works from any folder.")
 @click.option("--experiment", default=None, help="Or: the MLflow experiment name.")
 @click.option("--reports-dir", default="reports", show_default=True)
 @click.option("--tracking-uri", default=None, help="MLflow store (default as for `run`).")

@@ -29,7 +29,8 @@ from gengeo_bench.errors import BenchmarkError, ConfigError
 from gengeo_bench.model import check_share
 
 # Fields that do not change results: left out of the Cell id.
-NON_SEMANTIC = {("train", "num_workers"), ("evaluate", "num_workers"), ("evaluate", "batch_size")}
+NON_SEMANTIC = {("train", "num_workers"), ("train", "image_cache_mb"), ("evaluate", "num_workers"),
+                ("evaluate", "batch_size")}
 
 
 class Strict(BaseModel):
@@ -95,6 +96,8 @@ class TrainConfig(Strict):
     image_size: ImageSize | None = None
     steps_per_epoch: int | None = Field(None, ge=1, description="cap (quick runs)")
     num_workers: int = Field(0, ge=0)
+    image_cache_mb: int = Field(
+        1024, ge=0, description="decoded training images kept in memory (per process; 0: none)")
 
 
 class EvaluateConfig(Strict):

@@ -203,10 +203,11 @@ def report_command_impl(matrix: str | None, experiment: str | None, reports_dir:
                         tracking_uri: str | None) -> Path:
     """`benchmark report [MATRIX] [--experiment NAME]`: the experiment name and baseline
     come from the matrix file (`name:`, `baseline:`); `--experiment` names it directly."""
-    from gengeo_bench.config import read_yaml
+    from gengeo_bench.config import read_yaml, study_file
 
     baseline: dict[str, str] = {}
     if matrix:
+        matrix = str(study_file(matrix))  # a path, or the name of a shipped study
         data = read_yaml(matrix)
         if not isinstance(data, dict) or not data.get("name"):
             raise ConfigError(f"{matrix}: name: required field is missing (the experiment name).")

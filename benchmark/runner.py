@@ -24,6 +24,8 @@ import contextlib
 import fcntl
 import os
 import socket
+import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -209,10 +211,11 @@ def _train(ctx: Context, cell: Cell, mlclient, resume: str | None, run_cell, exp
 # --- the local executor ------------------------------------------------------------------
 
 
-def run_local(ctx: Context, cells: list[MatrixCell], keep_going: bool, wait: bool) -> list[Outcome]:
+def run_local(ctx: Context, cells: list[MatrixCell], keep_going: bool, wait: bool,
+              poll: float = WAIT_SECONDS) -> list[Outcome]:
     """Work through the Cells here; with `wait`, stay until Cells held by others are settled.
 
-    A Cell another worker holds is looked at again every WAIT_SECONDS: once its worker
+    A Cell another worker holds is looked at again every `poll` seconds: once its worker
     finishes it counts as done by another; if its worker dies, this one takes it over.
     """
     outcomes: dict[str, Outcome] = {}
@@ -237,7 +240,7 @@ def run_local(ctx: Context, cells: list[MatrixCell], keep_going: bool, wait: boo
             names = ", ".join(f"{mc.label} ({outcomes[mc.id].worker})" for mc in pending[:4])
             progress.log_line(f"waiting for {len(pending)} Cell(s) other workers hold: {names}"
                               + (" ..." if len(pending) > 4 else ""))
-        time.sleep(WAIT_SECONDS)
+        time.sleep(poll)
     return [outcomes[c.id] for c in cells if c.id in outcomes]
 
 
@@ -312,17 +315,33 @@ def run_matrix(
     ray_address: str | None = None,
     gpus_per_cell: float | None = None,
     cpus_per_cell: float | None = None,
+    workers: int = 1,
+    join_parent: str | None = None,
 ) -> list[Outcome]:
-    """Run (or with `dry`, list) the Cells of a matrix file; returns one Outcome per Cell."""
+    """Run (or with `dry`, list) the Cells of a matrix file; returns one Outcome per Cell.
+
+    `workers` > 1 (local executor): this process and `workers - 1` more started here share
+    the Cells through their claims, the CPU threads split between them; this one waits for
+    the others and writes the report. `join_parent`: such a started worker (its Cells'
+    runs go under that parent run; no summary, no report).
+    """
     matrix = load_matrix(matrix_file)  # every config error surfaces here, before any work
     cells = matrix.select(only)
     uri = tracking.tracking_uri(tracking_uri)
     runs_dir = str(Path(runs_dir).resolve())
     if executor not in ("local", "ray"):
         raise ConfigError(f"--executor {executor!r}: expected local or ray.")
+    if workers < 1 or (workers > 1 and executor != "local"):
+        raise ConfigError(f"--workers {workers}: expected 1 or more, with --executor local "
+                          f"(with Ray, --cpus-per-cell and --gpus-per-cell place the Cells).")
     if dry:
         dry_run(matrix, cells, uri, runs_dir)
         return []
+    if join_parent:
+        mlclient = tracking.client(uri)
+        experiment = tracking.experiment_id(mlclient, matrix.name, uri)
+        ctx = Context(uri, experiment, join_parent, matrix.name, runs_dir, device)
+        return run_local(ctx, cells, keep_going, wait)
     cluster = None
     if executor == "ray":  # connect (and check the store suits the cluster) before creating runs
         from gengeo_bench import ray_executor
@@ -342,6 +361,7 @@ def run_matrix(
     mlclient.log_dict(parent, tracking.environment(), "environment.json")
     ctx = Context(uri, experiment, parent, matrix.name, runs_dir, device)
     status = "FINISHED"
+    helpers: list[subprocess.Popen] = []
     try:
         if cluster is not None:
             resources = matrix.resources.model_copy(update={
@@ -349,13 +369,25 @@ def run_matrix(
                 if v is not None})
             outcomes = cluster.run(ctx, cells, resources)
         else:
-            outcomes = run_local(ctx, cells, keep_going, wait)
+            if workers > 1:
+                helpers = start_workers(workers, matrix.path, uri, runs_dir, parent, only, keep_going,
+                                        device)
+            # this worker looks at the others' Cells often: they are all on this machine
+            outcomes = run_local(ctx, cells, keep_going, wait, poll=2.0 if helpers else WAIT_SECONDS)
+            if any(p.wait() != 0 for p in helpers):
+                status = "FAILED"
     except KeyboardInterrupt:
         console.print("[yellow]Interrupted: finished Cells are kept; the same command resumes.")
         mlclient.set_terminated(parent, "KILLED")
         raise
+    finally:
+        for p in helpers:  # on an error here: the others stop too (their Cells resume later)
+            if p.poll() is None:
+                p.terminate()
     summary(outcomes, matrix)
     n_failed = sum(o.status == "failed" for o in outcomes)
+    if workers > 1:  # the workers started here are this command's own
+        n_failed += sum(o.status == "failed_elsewhere" for o in outcomes)
     tracking.log_metrics(mlclient, parent, {
         "cells_done": sum(o.status == "done" for o in outcomes),
         "cells_skipped": sum(o.status in ("skipped", "elsewhere") for o in outcomes),
@@ -366,6 +398,25 @@ def run_matrix(
         console.print(f"report: {folder / 'index.md'}")
     mlclient.set_terminated(parent, "FAILED" if n_failed else status)
     return outcomes
+
+
+def start_workers(workers: int, matrix_path: Path, uri: str, runs_dir: str, parent: str,
+                  only: str | None, keep_going: bool, device: str | None) -> list[subprocess.Popen]:
+    """`workers - 1` more `benchmark run` processes on this matrix under `parent`, with this
+    one's CPU threads split between all of them; plain progress lines, as their output
+    interleaves with this one's."""
+    import torch
+
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    torch.set_num_threads(threads)
+    os.environ["GENGEO_PROGRESS"] = "0"
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    command = [sys.executable, "-m", "gengeo_bench", "run", "--matrix", str(matrix_path),
+               "--tracking-uri", uri, "--runs-dir", runs_dir, "--join-run", parent, "--no-wait"]
+    command += (["--only", only] if only else []) + (["--keep-going"] if keep_going else [])
+    command += ["--device", device] if device else []
+    progress.log_line(f"{workers} workers on this machine, {threads} CPU thread(s) each")
+    return [subprocess.Popen(command, env=env) for _ in range(workers - 1)]
 
 
 def write_report_locked(uri: str, matrix: Matrix, reports_dir: Path, parent: str) -> Path:

@@ -345,8 +345,10 @@ class Trainer:
         use_fp16 = device.type == "cuda" and (self.recipe.amp == "fp16" or (
             self.recipe.amp == "auto" and not torch.cuda.is_bf16_supported()))
         self.scaler = torch.amp.GradScaler("cuda", enabled=use_fp16)
+        # decoded images are kept only in this process (a worker's copy lasts one epoch)
+        cache_mb = self.recipe.image_cache_mb if self.recipe.num_workers == 0 else 0
         self.pair_data = PairDataset(train_pairs, ground_pre, aerial_pre, augment=self.recipe.augment,
-                                     seed=cell.seed)
+                                     seed=cell.seed, cache_mb=cache_mb)
 
     # -- checkpoints
 

@@ -163,7 +163,24 @@ def load_image(
     interpolation: str = "bicubic",
     draft: bool = True,
 ) -> torch.Tensor:
-    """Decode `path` into a float tensor `[3, h, w]` in 0..1 (**not normalised**).
+    """Decode `path` into a float tensor `[3, h, w]` in 0..1 (**not normalised**); see
+    `decode_image`."""
+    return to_float(decode_image(path, size, crop_rows, interpolation, draft))
+
+
+def to_float(array: np.ndarray) -> torch.Tensor:
+    """A decoded `[h, w, 3]` uint8 image as the float tensor `[3, h, w]` in 0..1."""
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous().float().div_(255.0)
+
+
+def decode_image(
+    path: str | Path,
+    size: Sequence[int],
+    crop_rows: CropRows | None = None,
+    interpolation: str = "bicubic",
+    draft: bool = True,
+) -> np.ndarray:
+    """Decode `path` into a uint8 array `[h, w, 3]`.
 
     `size` is the target `(h, w)`. `crop_rows` keeps rows `[start, stop)` of the stored
     image (integers: rows; floats: fractions of the height) before the resize. JPEG files
@@ -202,7 +219,7 @@ def load_image(
         raise DataError(f"{path}: file not found") from exc
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise DataError(f"{path}: cannot decode image ({exc})") from exc
-    return torch.from_numpy(array).permute(2, 0, 1).contiguous().float().div_(255.0)
+    return array
 
 
 # --------------------------------------------------------------------------- Preprocess
@@ -301,6 +318,10 @@ class Preprocess:
     def load(self, path: str | Path) -> torch.Tensor:
         """`[3, h, w]` float in 0..1 (not normalised)."""
         return load_image(path, self.size, self.crop_rows, self.interpolation, self.draft)
+
+    def decode(self, path: str | Path) -> np.ndarray:
+        """`[h, w, 3]` uint8: what `load` returns, before it becomes floats."""
+        return decode_image(path, self.size, self.crop_rows, self.interpolation, self.draft)
 
     def normalize(self, image: torch.Tensor) -> torch.Tensor:
         """`(image - mean) / std` per channel; works on `[3, h, w]` and `[B, 3, h, w]`."""

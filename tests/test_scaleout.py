@@ -187,6 +187,30 @@ def test_two_workers_on_a_fresh_store_run_every_cell_once(tmp_path, cache):
 
 
 @pytest.mark.slow
+def test_workers_option_splits_the_cells_under_one_parent_run(tmp_path, cache):
+    """`--workers 2`: one command, two processes, every Cell once, one parent, one report."""
+    matrix = write_matrix(tmp_path, "duo", CELLS_OF_THREE)
+    log = finish(start_run(tmp_path, matrix, cache, "--workers", "2", log="duo.log"), tmp_path, "duo.log")
+    assert "2 workers on this machine, 1 CPU thread(s) each" in log, log
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    runs = cell_runs(uri, "duo")
+    assert len(runs) == 3 and all(len(r) == 1 and r[0].info.status == "FINISHED"
+                                  for r in runs.values()), runs
+    assert len({r[0].data.tags[tracking.WORKER] for r in runs.values()}) == 2  # both trained
+    mlclient = tracking.client(uri)
+    parents = tracking.find_runs(mlclient, mlclient.get_experiment_by_name("duo").experiment_id, "matrix")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert {r[0].data.tags[tracking.PARENT] for r in runs.values()} == {parents[0].info.run_id}
+    assert log.count("summary") == 1 and "this worker ran" in log and "done by another" in log
+    assert (tmp_path / "reports" / "duo" / "index.md").is_file()
+
+
+def test_workers_need_the_local_executor(tmp_path):
+    with pytest.raises(ConfigError, match="--workers 2"):
+        runner.run_matrix(write_matrix(tmp_path, "w", ["gem"]), executor="ray", workers=2)
+
+
+@pytest.mark.slow
 def test_a_worker_killed_mid_cell_is_taken_over_and_resumes(tmp_path, cache):
     matrix = write_matrix(tmp_path, "takeover", CELLS_OF_THREE[:2], epochs=12)
     first = start_run(tmp_path, matrix, cache, log="first.log")

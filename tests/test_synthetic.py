@@ -504,3 +504,38 @@ def test_unmatched_is_a_validated_dataset_option_with_its_own_cache(tmp_path, mo
     other = syn.Synthetic(region="suburb", pairs=6, seed=0, unmatched=1.0, **SMALL)
     assert other.root == syn.cache_dir("suburb", 6, 0, "cvusa", **SMALL, unmatched=1.0) != default
     assert other.record["unmatched"] == 1.0
+
+
+def _generate_counting(target: str, log: str) -> None:
+    """In a fresh process: ensure a small world at `target`, logging each real generation."""
+    import os
+    import time
+
+    real = syn.generate
+
+    def counting(*args, **kwargs):
+        with open(log, "a") as handle:
+            handle.write(f"{os.getpid()}\n")
+        time.sleep(3)  # long enough for the other processes to arrive while this one works
+        return real(*args, **kwargs)
+
+    syn.generate = counting
+    syn.ensure_generated(Path(target), "suburb", 12, 0, "cvusa", 32, (16, 64))
+
+
+def test_processes_needing_one_world_at_once_generate_it_once(tmp_path):
+    import multiprocessing
+
+    target, log = tmp_path / "world", tmp_path / "generations.log"
+    context = multiprocessing.get_context("spawn")
+    workers = [context.Process(target=_generate_counting, args=(str(target), str(log)))
+               for _ in range(3)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(120)
+    assert [w.exitcode for w in workers] == [0, 0, 0]
+    assert len(log.read_text().split()) == 1  # one generated, two waited and found it
+    assert syn.is_complete(target, region="suburb", pairs=12, seed=0, layout="cvusa", aerial_size=32,
+                           pano_size=(16, 64), unmatched=syn.DEFAULT_UNMATCHED)
+    assert not list(tmp_path.glob(".world.tmp-*"))

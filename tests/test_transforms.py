@@ -312,14 +312,44 @@ def pairs(tmp_path) -> list[Pair]:
 TINY = {**DINO_META, "image_size": {"ground": [28, 56], "aerial": [28, 28]}}
 
 
-def make_pairs_dataset(pairs, seed=0, augment=True):
+def make_pairs_dataset(pairs, seed=0, augment=True, cache_mb=0):
     return PairDataset(
         pairs,
         Preprocess.from_meta(TINY, "ground"),
         Preprocess.from_meta(TINY, "aerial"),
         augment=augment,
         seed=seed,
+        cache_mb=cache_mb,
     )
+
+
+def test_decoded_cache_gives_the_same_tensors_and_decodes_each_file_once(pairs, monkeypatch):
+    import gengeo_bench.transforms as transforms
+
+    plain = make_pairs_dataset(pairs, seed=3)
+    cached = make_pairs_dataset(pairs, seed=3, cache_mb=1)
+    decoded = []
+    real = transforms.decode_image
+    monkeypatch.setattr(transforms, "decode_image",
+                        lambda path, *a, **k: decoded.append(path) or real(path, *a, **k))
+    for epoch in range(3):
+        plain.set_epoch(epoch)
+        cached.set_epoch(epoch)
+        for i in range(len(pairs)):
+            a, b = plain[i], cached[i]
+            assert torch.equal(a["ground"], b["ground"]) and torch.equal(a["aerial"], b["aerial"])
+    # the plain dataset decodes 2 files per item per epoch, the cached one each file once
+    assert len(decoded) == 3 * 2 * len(pairs) + 2 * len(pairs)
+    assert cached.decoded_bytes == len(pairs) * (28 * 56 * 3 + 28 * 28 * 3)
+
+
+def test_decoded_cache_stays_within_its_budget(pairs):
+    ds = make_pairs_dataset(pairs, augment=False)
+    ds.cache_bytes = 2 * 28 * 56 * 3 + 28 * 28 * 3  # room for 3 of the 8 images, in order
+    for i in range(len(pairs)):
+        ds[i]
+    assert sorted(ds.decoded) == [("aerial", 0), ("ground", 0), ("ground", 1)]
+    assert ds.decoded_bytes <= ds.cache_bytes
 
 
 def test_pair_dataset_is_deterministic_per_seed_epoch_index(pairs):
