@@ -73,6 +73,7 @@ class SALAD(Aggregator):
         self.sinkhorn_iters = sinkhorn_iters
         self.dustbin = dustbin
         self.out_dim = num_clusters * cluster_dim + token_dim
+        self.min_patches = num_clusters if dustbin else 1  # the dustbin takes n - m of n patches
 
         # One dropout module in both branches, as in the reference (it has no state);
         # the Sequential indices give the reference keys (.0 and .2 / .3).

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 from functools import lru_cache
@@ -396,6 +397,19 @@ def validate_cell(data: Any, source: str, prefix: str = "") -> Cell:
                     f"narrows the panorama, hence its grid, at evaluation. Evaluate it without "
                     f"fov protocols, or use an aggregator that takes any grid."
                 )
+    elif "ground" in sizes:  # a narrowed panorama has fewer patches: the head must still work
+        from gengeo_bench.transforms import round_to_patch
+
+        patch = int(registry.meta("backbone", m.backbone.name).get("patch_size", 1))
+        h, w = sizes["ground"]
+        for i, text in enumerate(cell.evaluate.protocols):
+            protocol = Protocol.parse(text)
+            if protocol.kind == "fov" and protocol.fov < 360:
+                narrow = {**sizes, "ground": (h, round_to_patch(protocol.fov_width(w), patch))}
+                problem = model_problem(model.model_dump_json(), tuple(sorted(narrow.items())))
+                if problem:
+                    raise ConfigError(f"{source}: {at}evaluate.protocols[{i}] ({protocol.name}, "
+                                      f"panorama {h}x{narrow['ground'][1]}): {problem}")
     return cell.model_copy(update={"model": model, "datasets": datasets})
 
 
@@ -435,6 +449,7 @@ def model_problem(model_json: str, image_size: tuple = ()) -> str | None:
     spec = ModelConfig.model_validate_json(model_json)
     offline = {k: v for k, v in (("pretrained", False), ("weights", None))
                if k in spec.backbone.params}
+    logging.disable(logging.WARNING)  # e.g. open_clip's "no pretrained weights": switched off here
     try:
         with torch.device("meta"):
             CrossViewModel(spec.backbone.name, spec.aggregator.name,
@@ -444,6 +459,8 @@ def model_problem(model_json: str, image_size: tuple = ()) -> str | None:
                            image_size=dict(image_size) or None)
     except BenchmarkError as exc:
         return str(exc)
+    finally:
+        logging.disable(logging.NOTSET)
     return None
 
 

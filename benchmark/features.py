@@ -112,6 +112,9 @@ class Aggregator(nn.Module):
     Declares:
 
     - `out_dim`: the descriptor length, set in `__init__`;
+    - `min_patches` (optional, default 1): the fewest patches per image it works on
+      (SALAD with a dustbin: its cluster count); checked against each view's patch grid
+      when the config is read;
     - `cluster_params`: names of the attributes (modules or parameters) that make up
       its cluster-assignment space; `share: clusters` makes the aerial head's attributes
       the ground head's objects. `()` (the default) means no such space, and
@@ -133,6 +136,7 @@ class Aggregator(nn.Module):
 
     in_dim: int
     out_dim: int
+    min_patches: int = 1
     cluster_params: tuple[str, ...] = ()
 
 

@@ -126,6 +126,16 @@ class CrossViewModel(nn.Module):
             injected["patch_grid"] = grids.pop()
         head = registry.build("aggregator", name, **injected, **params)
         check_aggregator(head, name)
+        need = int(getattr(head, "min_patches", 1))
+        for view in views:
+            h, w = self.patch_grid.get(view, (need, 1))
+            if h * w < need:
+                raise ConfigError(
+                    f"aggregator '{name}' needs at least {need} patches per image, but the {view} "
+                    f"view gives {h}x{w} = {h * w} (image size {h * self.ground_backbone.patch_size}x"
+                    f"{w * self.ground_backbone.patch_size}, patch {self.ground_backbone.patch_size}): "
+                    f"use a larger train.image_size or a head that needs fewer (e.g. fewer clusters)."
+                )
         return head
 
     def branch(self, view: str) -> tuple[nn.Module, nn.Module]:

@@ -47,18 +47,18 @@ def matrix_file(tmp_path: Path, aggregators: list, **extra) -> Path:
 
 
 def test_a_default_spelled_out_is_the_same_cell():
-    implicit = validate_cell(cell_dict({"name": "salad"}), "a.yaml")
-    explicit = validate_cell(cell_dict({"name": "salad", "dropout": 0.3}), "b.yaml")
+    implicit = validate_cell(cell_dict({"name": "salad", "num_clusters": 4}), "a.yaml")
+    explicit = validate_cell(cell_dict({"name": "salad", "num_clusters": 4, "dropout": 0.3}), "b.yaml")
     assert implicit.id == explicit.id
-    other = validate_cell(cell_dict({"name": "salad", "dropout": 0.2}), "c.yaml")
+    other = validate_cell(cell_dict({"name": "salad", "num_clusters": 4, "dropout": 0.2}), "c.yaml")
     assert other.id != implicit.id
 
 
 def test_the_cell_holds_every_resolved_value():
-    cell = validate_cell(cell_dict({"name": "salad", "num_clusters": 8}), "a.yaml")
+    cell = validate_cell(cell_dict({"name": "salad", "num_clusters": 4}), "a.yaml")
     params = cell.model.aggregator.params
     # The signature's defaults, with the file's value on top.
-    assert params == {"num_clusters": 8, "cluster_dim": 128, "token_dim": 256, "dropout": 0.3,
+    assert params == {"num_clusters": 4, "cluster_dim": 128, "token_dim": 256, "dropout": 0.3,
                       "sinkhorn_iters": 3, "dustbin": True}
     # The registry entry's values for a variant (resnet_tiny's size), the signature's rest.
     backbone = cell.model.backbone.params
@@ -96,8 +96,9 @@ def test_changing_a_registry_default_changes_the_id(tmp_path, monkeypatch):
 
 
 def test_axis_values_that_resolve_to_one_cell_are_an_error(tmp_path):
-    path = matrix_file(tmp_path, [{"name": "salad"}, {"name": "salad", "dropout": 0.3}])
-    with pytest.raises(ConfigError, match=r"m.yaml: .*salad.*and.*salad\[dropout=0.3\].* resolve "
+    path = matrix_file(tmp_path, [{"name": "salad", "num_clusters": 4},
+                                  {"name": "salad", "num_clusters": 4, "dropout": 0.3}])
+    with pytest.raises(ConfigError, match=r"m.yaml: .*salad.*and.*salad\[.*dropout=0.3\].* resolve "
                                           r"to the same Cell"):
         load_matrix(path)
 
@@ -137,6 +138,31 @@ def test_a_check_that_needs_the_architecture_runs_before_work(tmp_path):
     path.write_text(yaml.safe_dump(data))
     with pytest.raises(ConfigError, match=r"m.yaml: cell .*: model: .*trainable_blocks = 9"):
         load_matrix(path)
+
+
+def test_a_salad_with_more_clusters_than_patches_stops_before_work(tmp_path):
+    # resnet_tiny at ground 64x128 / aerial 64x64 (patch 32): 2x4 and 2x2 patches
+    path = matrix_file(tmp_path, [{"name": "salad", "num_clusters": 6, "cluster_dim": 8, "token_dim": 8}])
+    with pytest.raises(ConfigError, match=r"m.yaml: cell .*: model: aggregator 'salad' needs at least "
+                                          r"6 patches per image, but the aerial view gives 2x2 = 4"):
+        load_matrix(path)
+    no_dustbin = {"name": "salad", "num_clusters": 6, "cluster_dim": 8, "token_dim": 8, "dustbin": False}
+    assert load_matrix(matrix_file(tmp_path, [no_dustbin])).cells  # without a dustbin any grid works
+
+
+def test_a_field_of_view_that_leaves_too_few_patches_stops_before_work(tmp_path):
+    # resnet_small: ground 32x128 at patch 16 = 2x8 patches; fov:90 keeps 32 columns = 2x2
+    salad = {"name": "salad", "num_clusters": 8, "cluster_dim": 8, "token_dim": 8}
+    path = matrix_file(tmp_path, [salad], protocols=["none", "fov:180", "fov:90"])
+    data = yaml.safe_load(path.read_text())
+    data["axes"]["backbone"] = ["resnet_small"]
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError, match=r"m.yaml: cell .*: evaluate.protocols\[2\] \(fov90, panorama "
+                                          r"32x32\): aggregator 'salad' needs at least 8 patches"):
+        load_matrix(path)
+    data["protocols"] = ["none", "fov:180"]  # 2x4 = 8 patches: enough
+    path.write_text(yaml.safe_dump(data))
+    assert load_matrix(path).cells
 
 
 @pytest.mark.parametrize("section,value,expected", [

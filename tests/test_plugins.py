@@ -341,7 +341,8 @@ def test_a_cell_with_each_aggregator_validates(aggregator):
 
     data = {
         "model": {"backbone": {"name": SHARING_BACKBONE}, "aggregator": {"name": aggregator}},
-        "train": {"dataset": "d"},
+        # large enough for every default (SALAD's 64 clusters need 64 patches per view)
+        "train": {"dataset": "d", "image_size": {"ground": [448, 896], "aerial": [448, 448]}},
         "datasets": {"d": {"name": "synthetic", "pairs": 40}},
     }
     cell = validate_cell(data, "cell.yaml")
