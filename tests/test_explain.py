@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from matplotlib.colors import to_rgba
+from matplotlib.colors import to_rgb
 from PIL import Image
 
 from gengeo_bench import explain, explain_figures
@@ -230,13 +230,33 @@ def test_gallery_frame_is_green_exactly_when_rank_below_5(tmp_path):
         row.gt.path = tmp_path / row.gt.path.name
         for tile in row.tiles:
             tile.path = tmp_path / tile.path.name
+    canvas, panels = explain_figures.gallery_canvas(rows)
     fig = explain_figures.gallery_figure(rows, "test", tmp_path / "g.png")
-    grid = np.asarray(fig.axes).reshape(len(rows), -1)  # query, 5 tiles, gap, ground truth
-    for row, line in zip(rows, grid, strict=True):
+    (ax,) = fig.axes  # one image, the captions written on it where its panels are
+    assert [t.get_text() for t in ax.texts] == [p.caption for p in panels]
+    png = np.asarray(Image.open(tmp_path / "g.png").convert("RGB")).astype(int)
+    top, left = png.shape[0] - canvas.shape[0], (png.shape[1] - canvas.shape[1]) // 2
+    grey = np.round(np.asarray(to_rgb(explain_figures._GREY)) * 255)
+    for i, row in enumerate(rows):
+        line = [p for p in panels if p.row == i]
+        assert [p.kind for p in line] == ["query"] + ["tile"] * 5 + ["gt"] * (row.gt_slot is None)
+        query = line[0].box
+        px = explain_figures.GALLERY_PX
+        assert (query[2] - query[0], query[3] - query[1]) == (4 * px, px)  # the 32 x 8 query, 4:1
         framed = line[1 + row.gt_slot] if row.gt_slot is not None else line[-1]
-        assert framed.get_visible()
-        assert framed.spines["top"].get_edgecolor() == to_rgba(row.frame)
-        assert line[-1].get_visible() == (row.gt_slot is None)
+        assert (framed.frame, framed.frame_width) == (row.frame, explain_figures._WIDE)
+        assert ax.texts[panels.index(framed)].get_color() == (
+            row.frame if row.gt_slot is None else "black")
+        x0, y0, x1, y1 = framed.box
+        # The middle of the frame's top edge: green or red, in the canvas and the saved PNG.
+        y, x = y0 - 1 - framed.frame_width // 2, (x0 + x1) // 2
+        want = np.round(np.asarray(to_rgb(row.frame)) * 255)
+        np.testing.assert_array_equal(canvas[y, x], want)
+        np.testing.assert_allclose(png[top + y, left + x], want, atol=2)
+        np.testing.assert_allclose(canvas[(y0 + y1) // 2, x], (i, 90, 90), atol=4)  # tile t{i}
+        other = line[2 if row.gt_slot == 0 else 1].box  # a tile that is not the ground truth
+        np.testing.assert_allclose(png[top + other[1] - 1, left + (other[0] + other[2]) // 2], grey,
+                                   atol=2)
     assert (tmp_path / "g.png").stat().st_size > 5000
 
 
