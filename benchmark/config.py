@@ -221,8 +221,8 @@ def parse_options(items: tuple[str, ...] | list[str], kind: str, name: str) -> d
     """`--option key=value` strings for plugin `name` -> {key: value}.
 
     Values are read as YAML (`pairs=300`, `corrected=true`, `cities=[Chicago, Seattle]`).
-    For a parameter whose type is a list, a plain `a,b` or a single `a` is the list
-    `['a', 'b']` / `['a']`. Types and ranges are then checked like a file's values.
+    For a parameter whose type is a list or a tuple, a plain `a,b` or a single `a` is the
+    list `['a', 'b']` / `['a']` (`pano_size=64,256`). Types and ranges are then checked like a file's values.
     """
     lists = _list_params(kind, name)
     out: dict[str, Any] = {}
@@ -242,14 +242,14 @@ def parse_options(items: tuple[str, ...] | list[str], kind: str, name: str) -> d
 
 
 def _list_params(kind: str, name: str) -> set[str]:
-    """Parameters of plugin `name` whose type hint accepts a list."""
+    """Parameters of plugin `name` whose type hint accepts a list or a tuple."""
     import typing
 
     hints = registry._type_hints(registry.get(kind, name).load())
     out = set()
     for key, hint in hints.items():
         options = (hint, *typing.get_args(hint))
-        if any(h is list or typing.get_origin(h) is list for h in options):
+        if any(h in (list, tuple) or typing.get_origin(h) in (list, tuple) for h in options):
             out.add(key)
     return out
 

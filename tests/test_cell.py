@@ -186,3 +186,14 @@ def test_dataset_options_are_checked_too():
     data["datasets"]["city"].update(pairs=40, layout="sideways")
     with pytest.raises(ConfigError, match=r"parameter 'layout' = 'sideways'.*'cvusa' or 'vigor'"):
         validate_cell(data, "x.yaml")
+
+
+def test_option_strings_split_on_commas_for_list_and_tuple_parameters():
+    from gengeo_bench.config import parse_options
+
+    parsed = parse_options(["pano_size=64,256", "pairs=30", "region=suburb"], "dataset", "synthetic")
+    assert parsed == {"pano_size": ["64", "256"], "pairs": 30, "region": "suburb"}
+    assert parse_options(["pano_size=[64, 256]"], "dataset", "synthetic") == {"pano_size": [64, 256]}
+    checked = registry.validate_params("dataset", "synthetic", parsed)
+    assert checked["pano_size"] == (64, 256)
+    assert parse_options(["cities=Chicago,Seattle"], "dataset", "vigor")["cities"] == ["Chicago", "Seattle"]
