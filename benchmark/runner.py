@@ -369,9 +369,11 @@ def run_matrix(
                 if v is not None})
             outcomes = cluster.run(ctx, cells, resources)
         else:
-            if workers > 1:
-                helpers = start_workers(workers, matrix.path, uri, runs_dir, parent, only, keep_going,
-                                        device)
+            done = existing_cell_runs(mlclient, experiment)
+            left = sum(1 for mc in cells if not (mc.id in done and is_done(done[mc.id])))
+            if min(workers, left) > 1:  # no helper for a matrix that is done (a re-run)
+                helpers = start_workers(min(workers, left), matrix.path, uri, runs_dir, parent, only,
+                                        keep_going, device)
             # this worker looks at the others' Cells often: they are all on this machine
             outcomes = run_local(ctx, cells, keep_going, wait, poll=2.0 if helpers else WAIT_SECONDS)
             if any(p.wait() != 0 for p in helpers):
@@ -394,8 +396,15 @@ def run_matrix(
         "cells_failed": n_failed,
     })
     if report and any(o.status in ("done", "skipped", "elsewhere") for o in outcomes):
-        folder = write_report_locked(uri, matrix, Path(reports_dir), parent)
-        console.print(f"report: {folder / 'index.md'}")
+        folder = Path(reports_dir) / matrix.name
+        runs = runs_fingerprint(mlclient, experiment, matrix)
+        if (folder / "index.md").is_file() and _read(folder / RUNS_FINGERPRINT) == runs:
+            console.print(f"report: {folder / 'index.md'} (up to date: no run changed since it was "
+                          f"written; `benchmark report` rewrites it)")
+        else:
+            folder = write_report_locked(uri, matrix, Path(reports_dir), parent)
+            (folder / RUNS_FINGERPRINT).write_text(runs)
+            console.print(f"report: {folder / 'index.md'}")
     mlclient.set_terminated(parent, "FAILED" if n_failed else status)
     return outcomes
 
@@ -417,6 +426,22 @@ def start_workers(workers: int, matrix_path: Path, uri: str, runs_dir: str, pare
     command += ["--device", device] if device else []
     progress.log_line(f"{workers} workers on this machine, {threads} CPU thread(s) each")
     return [subprocess.Popen(command, env=env) for _ in range(workers - 1)]
+
+
+RUNS_FINGERPRINT = ".runs.json"  # beside a report: the runs it was written from
+
+
+def runs_fingerprint(mlclient, experiment_id: str, matrix: Matrix) -> str:
+    """Every Cell run of the experiment (id, status, end) and the baseline, as JSON text."""
+    import json
+
+    runs = sorted((r.info.run_id, r.info.status, r.info.end_time or 0)
+                  for r in tracking.find_runs(mlclient, experiment_id, "cell"))
+    return json.dumps({"runs": runs, "baseline": matrix.baseline_params()}, sort_keys=True)
+
+
+def _read(path: Path) -> str | None:
+    return path.read_text() if path.is_file() else None
 
 
 def write_report_locked(uri: str, matrix: Matrix, reports_dir: Path, parent: str) -> Path:

@@ -181,6 +181,20 @@ def test_run_skip_and_rerun(setup, tmp_path):
     assert len(_cell_runs(uri, "tiny")) == 2
 
 
+def test_a_rerun_keeps_a_report_no_run_changed_since(setup, tmp_path, capsys):
+    path = write(tmp_path, matrix_dict(setup))
+    run_matrix(path)
+    index = tmp_path / "reports" / "tiny" / "index.md"
+    written = index.stat().st_mtime_ns
+    capsys.readouterr()
+    run_matrix(path)  # every Cell skipped, no run changed: the report stands
+    assert "up to date" in capsys.readouterr().out and index.stat().st_mtime_ns == written
+    client = tracking.client(tracking.tracking_uri(None))
+    client.delete_run(_cell_runs(tracking.tracking_uri(None), "tiny")[0].info.run_id)
+    run_matrix(path)  # a run went away (and its Cell ran again): rewritten
+    assert "up to date" not in capsys.readouterr().out and index.stat().st_mtime_ns > written
+
+
 def test_keep_going_marks_the_failure_and_runs_the_rest(setup, tmp_path):
     data = matrix_dict(setup)
     data["datasets"]["broken"] = {"name": "cvusa", "root": str(tmp_path / "missing")}
