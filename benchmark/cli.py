@@ -347,6 +347,7 @@ def run(matrix_file: str, tracking_uri: str | None, reports_dir: str, runs_dir: 
     \b
     Examples:
       benchmark run --matrix studies/quickstart.yaml
+      benchmark run --matrix quickstart --workers 2       # two workers on a 2-core CPU
       benchmark run --matrix studies/ablation.yaml --dry-run
       CUDA_VISIBLE_DEVICES=0 benchmark run --matrix studies/ablation.yaml &
       CUDA_VISIBLE_DEVICES=1 benchmark run --matrix studies/ablation.yaml &

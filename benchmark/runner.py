@@ -369,11 +369,12 @@ def run_matrix(
                 if v is not None})
             outcomes = cluster.run(ctx, cells, resources)
         else:
-            done = existing_cell_runs(mlclient, experiment)
-            left = sum(1 for mc in cells if not (mc.id in done and is_done(done[mc.id])))
-            if min(workers, left) > 1:  # no helper for a matrix that is done (a re-run)
-                helpers = start_workers(min(workers, left), matrix.path, uri, runs_dir, parent, only,
-                                        keep_going, device)
+            if workers > 1:
+                done = existing_cell_runs(mlclient, experiment)
+                left = sum(1 for mc in cells if not (mc.id in done and is_done(done[mc.id])))
+                if min(workers, left) > 1:  # no helper for a matrix that is done (a re-run)
+                    helpers = start_workers(min(workers, left), matrix.path, uri, runs_dir, parent,
+                                            only, keep_going, device)
             # this worker looks at the others' Cells often: they are all on this machine
             outcomes = run_local(ctx, cells, keep_going, wait, poll=2.0 if helpers else WAIT_SECONDS)
             if any(p.wait() != 0 for p in helpers):
@@ -383,8 +384,12 @@ def run_matrix(
         mlclient.set_terminated(parent, "KILLED")
         raise
     finally:
-        for p in helpers:  # on an error here: the others stop too (their Cells resume later)
-            if p.poll() is None:
+        # On Ctrl-C the terminal's SIGINT reached the helpers too: give them time to mark
+        # their runs KILLED. On an error here they stop as well (their Cells resume later).
+        for p in helpers:
+            try:
+                p.wait(timeout=15)
+            except subprocess.TimeoutExpired:
                 p.terminate()
     summary(outcomes, matrix)
     n_failed = sum(o.status == "failed" for o in outcomes)

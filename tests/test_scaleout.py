@@ -189,7 +189,8 @@ def test_two_workers_on_a_fresh_store_run_every_cell_once(tmp_path, cache):
 @pytest.mark.slow
 def test_workers_option_splits_the_cells_under_one_parent_run(tmp_path, cache):
     """`--workers 2`: one command, two processes, every Cell once, one parent, one report."""
-    matrix = write_matrix(tmp_path, "duo", CELLS_OF_THREE)
+    # Cells long enough (8 epochs, ~10 s) that the second worker starts before the first is done
+    matrix = write_matrix(tmp_path, "duo", CELLS_OF_THREE, epochs=8)
     log = finish(start_run(tmp_path, matrix, cache, "--workers", "2", log="duo.log"), tmp_path, "duo.log")
     assert "2 workers on this machine, 1 CPU thread(s) each" in log, log
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
