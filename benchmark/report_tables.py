@@ -193,9 +193,7 @@ def ablation_table(summary: pd.DataFrame) -> Table:
         columns={"aggregator_variant": "aggregator", "dustbin_text": "dustbin"})
     data = _ordered(data, {"backbone": None, "aggregator": None, **order,
                            "train_dataset": None, "test_dataset": None})
-    cells = data.assign(setting=[setting(a, b) for a, b in
-                                 zip(data["train_dataset"], data["test_dataset"], strict=True)],
-                        cell=[fmt(m, s) for m, s in zip(data["R1_mean"], data["R1_std"], strict=True)])
+    cells = _setting_cells(data)
     index = ["backbone", "aggregator", "share", "dustbin"]
     table.display = _ordered(_wide(cells, index, "setting", "cell", settings),
                              {"backbone": None, "aggregator": None, **order})
@@ -226,9 +224,7 @@ def backbone_aggregator_table(summary: pd.DataFrame, methods: list[str]) -> Tabl
                  "R1_mean", "R1_std"]].rename(columns={"aggregator_label": "aggregator"})
     data = _ordered(data, {"train_dataset": None, "test_dataset": None, "backbone": None,
                            "aggregator": agg_order})
-    cells = data.assign(setting=[setting(a, b) for a, b in
-                                 zip(data["train_dataset"], data["test_dataset"], strict=True)],
-                        cell=[fmt(m, s) for m, s in zip(data["R1_mean"], data["R1_std"], strict=True)])
+    cells = _setting_cells(data)
     display = _wide(cells, ["setting", "backbone"], "aggregator", "cell", agg_order)
     table.display = _ordered(display, {"setting": None, "backbone": None}).rename(
         columns={"setting": "train " + ARROW + " test"})
@@ -236,6 +232,13 @@ def backbone_aggregator_table(summary: pd.DataFrame, methods: list[str]) -> Tabl
     table.heatmap = _heat(cells, {"setting": None, "backbone": None}, {"aggregator": agg_order},
                           "R1_mean")
     return table
+
+
+def _setting_cells(data: pd.DataFrame) -> pd.DataFrame:
+    """`data` with a `setting` column (train -> test) and a `cell` column (mean ± std R@1)."""
+    return data.assign(setting=[setting(a, b) for a, b in
+                                zip(data["train_dataset"], data["test_dataset"], strict=True)],
+                       cell=[fmt(m, s) for m, s in zip(data["R1_mean"], data["R1_std"], strict=True)])
 
 
 def robustness_table(summary: pd.DataFrame, methods: list[str]) -> Table:
@@ -251,9 +254,7 @@ def robustness_table(summary: pd.DataFrame, methods: list[str]) -> Table:
                     "R1_std"]]
     data = _ordered(data, {"train_dataset": None, "test_dataset": None,
                            "protocol": protocol_sort_key, "method": methods})
-    cells = data.assign(setting=[setting(a, b) for a, b in
-                                 zip(data["train_dataset"], data["test_dataset"], strict=True)],
-                        cell=[fmt(m, s) for m, s in zip(data["R1_mean"], data["R1_std"], strict=True)])
+    cells = _setting_cells(data)
     display = _wide(cells, ["setting", "protocol"], "method", "cell", methods)
     table.display = _ordered(display, {"setting": None, "protocol": protocol_sort_key}).rename(
         columns={"setting": "train " + ARROW + " test"})
