@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import sys
 
 import click
@@ -503,6 +504,10 @@ def main() -> None:
         sys.exit(exc.exit_code)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
+    finally:
+        # The interpreter's last garbage collection walks torch's, MLflow's and Ray's object
+        # graphs for about 2 s before the process ends; frozen objects are left to the OS.
+        gc.freeze()
 
 
 if __name__ == "__main__":

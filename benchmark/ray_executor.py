@@ -106,6 +106,23 @@ class Cluster:
 
     # --- a matrix -------------------------------------------------------------------
 
+    def warm_up(self, tracking_uri: str, cells: list, resources) -> None:
+        """Start Ray workers importing what a Cell needs while the driver creates the runs.
+
+        A Ray worker's first task pays for importing torch, timm, MLflow and matplotlib
+        (about 5 s on a small CPU). One warm-up task per Cell,
+        with the Cells' resources, runs that on as many workers as can start now; Ray then
+        reuses those workers for the Cell tasks. Nothing waits for the warm-ups, and one
+        that fails only costs its Cell the same error later.
+        """
+        ray = _import_ray()
+        task = ray.remote(warm_task)
+        options = {"num_cpus": resources.cpus_per_cell, "num_gpus": resources.gpus_per_cell,
+                   "max_retries": 0}
+        for mc in cells:
+            task.options(name=f"warm up for {mc.id}", **options).remote(
+                tracking_uri, plugins(mc.cell), resources.cpus_per_cell)
+
     def run(self, ctx, cells: list, resources) -> list:
         """One Ray task per unfinished Cell; waits for all of them, showing the board."""
         ray = _import_ray()
@@ -236,6 +253,27 @@ def _set_threads(cpus: float) -> None:
     import torch
 
     torch.set_num_threads(max(1, int(cpus)))
+
+
+def plugins(cell) -> list[tuple[str, str]]:
+    """(kind, name) of the plugins a Cell builds: its backbone, aggregator and datasets."""
+    parts = {("backbone", cell.model.backbone.name), ("aggregator", cell.model.aggregator.name)}
+    return sorted(parts | {("dataset", ref.name) for ref in cell.datasets.values()})
+
+
+def warm_task(tracking_uri: str, cell_plugins: list[tuple[str, str]], cpus: float) -> None:
+    """On a Ray worker: import what a Cell runs (and MLflow's store), before the Cell comes."""
+    import matplotlib.figure  # noqa: F401  (the explain figures)
+
+    from gengeo_bench import engine, explain, registry  # noqa: F401
+
+    _set_threads(cpus)
+    for kind, name in cell_plugins:
+        registry.get(kind, name).load()
+    if not tracking_uri.startswith(("http:", "https:")):
+        # Most of opening a database store later; opening it now would queue the driver,
+        # which is creating it, behind the workers for the store's lock.
+        import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
 
 
 def cell_task(ctx_fields: dict[str, Any], cell_data: dict[str, Any], cpus: float) -> dict[str, Any]:

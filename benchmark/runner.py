@@ -343,10 +343,14 @@ def run_matrix(
         ctx = Context(uri, experiment, join_parent, matrix.name, runs_dir, device)
         return run_local(ctx, cells, keep_going, wait)
     cluster = None
+    resources = matrix.resources.model_copy(update={
+        k: v for k, v in (("gpus_per_cell", gpus_per_cell), ("cpus_per_cell", cpus_per_cell))
+        if v is not None})
     if executor == "ray":  # connect (and check the store suits the cluster) before creating runs
         from gengeo_bench import ray_executor
 
         cluster = ray_executor.connect(ray_address, uri)
+        cluster.warm_up(uri, cells, resources)
     mlclient = tracking.client(uri)
     experiment = tracking.experiment_id(mlclient, matrix.name, uri)
     if cluster is not None:
@@ -364,9 +368,6 @@ def run_matrix(
     helpers: list[subprocess.Popen] = []
     try:
         if cluster is not None:
-            resources = matrix.resources.model_copy(update={
-                k: v for k, v in (("gpus_per_cell", gpus_per_cell), ("cpus_per_cell", cpus_per_cell))
-                if v is not None})
             outcomes = cluster.run(ctx, cells, resources)
         else:
             if workers > 1:

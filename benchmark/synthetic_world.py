@@ -43,18 +43,18 @@ another.
 from __future__ import annotations
 
 from gengeo_bench.world_regions import (
+    DEFAULT_UNMATCHED,
     REGIONS,
     STYLES,
     Region,
     Style,
+    check_unmatched,
     describe_region,
     get_region,
     region_record,
     with_region,
 )
 from gengeo_bench.world_render import (
-    DEFAULT_UNMATCHED,
-    check_unmatched,
     render_aerial,
     render_batch,
     render_panorama,
@@ -78,12 +78,9 @@ from gengeo_bench.world_scene import (
     World,
 )
 
-# the modules whose source defines the rendered world (the cache's fingerprint reads them)
-SOURCE_MODULES = ("world_regions", "world_scene", "world_render", "synthetic_world")
-
 __all__ = [
     "BUILT", "DEFAULT_UNMATCHED", "FIELD", "GROUND", "LABELS", "LANDUSES", "MANMADE", "PARK",
-    "PARKING", "PLAZA", "REGIONS", "SKY", "SOURCE_MODULES", "STYLES", "TRANSIENT_RANGE",
+    "PARKING", "PLAZA", "REGIONS", "SKY", "STYLES", "TRANSIENT_RANGE",
     "VEGETATION", "WATER", "Box", "Capture", "Region", "Style", "World", "check_unmatched",
     "describe_region", "get_region", "region_record", "render_aerial", "render_batch",
     "render_panorama", "with_region",

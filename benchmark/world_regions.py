@@ -16,6 +16,17 @@ from dataclasses import asdict, dataclass, replace
 
 from gengeo_bench.errors import ConfigError
 
+# How much of each pair only one view shows, 0..1, beside a region's own proportions
+# (`world_render` says what it scales); 0.5 is the world as it was before the option.
+DEFAULT_UNMATCHED = 0.5
+
+
+def check_unmatched(unmatched: float) -> float:
+    unmatched = float(unmatched)
+    if not 0.0 <= unmatched <= 1.0:
+        raise ValueError(f"unmatched must be in [0, 1], got {unmatched}")
+    return unmatched
+
 # ---------------------------------------------------------------------------------------
 # building styles and regions
 

@@ -41,6 +41,7 @@ from typing import NamedTuple
 import numpy as np
 from numba import njit, typeof, types
 
+from gengeo_bench.world_regions import DEFAULT_UNMATCHED, check_unmatched
 from gengeo_bench.world_scene import (
     BOOL,
     C_GLASS,
@@ -84,8 +85,6 @@ from gengeo_bench.world_scene import (
     unit,
     value_noise,
 )
-
-DEFAULT_UNMATCHED = 0.5
 
 # what a panorama pixel shows
 _NONE, _GROUND_HIT, _SIDE, _TOP, _CROWN = 0, 1, 2, 3, 4
@@ -486,13 +485,6 @@ def _image(img: np.ndarray, rng: np.random.Generator | None) -> np.ndarray:
 
 # ---------------------------------------------------------------------------------------
 # one view at a time
-
-
-def check_unmatched(unmatched: float) -> float:
-    unmatched = float(unmatched)
-    if not 0.0 <= unmatched <= 1.0:
-        raise ValueError(f"unmatched must be in [0, 1], got {unmatched}")
-    return unmatched
 
 
 def _panorama(world: World, x: float, y: float, size, seed: int, transients: bool, clean: bool,

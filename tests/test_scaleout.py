@@ -292,6 +292,28 @@ def test_a_local_store_with_nodes_on_other_machines_is_refused():
 # --- the Ray executor on a real cluster, through a real tracking server ------------------------
 
 
+def test_a_warm_up_task_imports_what_its_cell_runs(tmp_path):
+    matrix = write_matrix(tmp_path, "warm", ["gem"])
+    cell = runner.load_matrix(matrix).cells[0].cell
+    assert ray_executor.plugins(cell) == [("aggregator", "gem"), ("backbone", "resnet_tiny"),
+                                          ("dataset", "synthetic")]
+    uri = f"sqlite:///{tmp_path / 'fresh.db'}"
+    # In a fresh interpreter, as on a Ray worker that has imported nothing yet.
+    code = (f"import sys, torch; from gengeo_bench import ray_executor; "
+            f"ray_executor.warm_task({uri!r}, {ray_executor.plugins(cell)!r}, 1); "
+            f"print(torch.get_num_threads(), *sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=worker_env(tmp_path), timeout=300)
+    assert out.returncode == 0, out.stderr
+    threads, *modules = out.stdout.split()
+    assert threads == "1"
+    for module in ("gengeo_bench.engine", "gengeo_bench.explain", "matplotlib.figure",
+                   "gengeo_bench.datasets.synthetic", "gengeo_bench.backbones.resnet",
+                   "gengeo_bench.aggregators.gem", "mlflow.store.tracking.sqlalchemy_store"):
+        assert module in modules
+    assert not (tmp_path / "fresh.db").exists()  # left for the driver to create
+
+
 @pytest.fixture(scope="module")
 def ray_head(tmp_path_factory):
     head = RayHead(tmp_path_factory.mktemp("ray-head"), cpus=2)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import math
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -539,3 +541,17 @@ def test_processes_needing_one_world_at_once_generate_it_once(tmp_path):
     assert syn.is_complete(target, region="suburb", pairs=12, seed=0, layout="cvusa", aerial_size=32,
                            pano_size=(16, 64), unmatched=syn.DEFAULT_UNMATCHED)
     assert not list(tmp_path.glob(".world.tmp-*"))
+
+
+def test_reading_a_generated_world_does_not_load_the_renderer(cvusa_world):
+    # The scene and the cameras load compiled numba code when imported (about 1.4 s): a
+    # process that only reads a world (every Cell's) must not pay for it.
+    code = ("import sys; from gengeo_bench.datasets.synthetic import Synthetic; "
+            f"d = Synthetic(root={str(cvusa_world)!r}, split='test', region='suburb', pairs=20, "
+            "seed=3, aerial_size=32, pano_size=(16, 64)); "
+            "print(len(d.pairs), *sorted(m for m in sys.modules "
+            "if m.startswith(('numba', 'gengeo_bench.world'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    count, *modules = out.stdout.split()
+    assert int(count) == 5 and modules == ["gengeo_bench.world_regions"]

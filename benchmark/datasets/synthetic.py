@@ -60,39 +60,46 @@ from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 import numpy as np
 from PIL import Image
 from pydantic import Field
 
-from gengeo_bench import synthetic_world
 from gengeo_bench.datasets.base import CheckReport, CrossViewDataset, EvalSplit, Pair
 from gengeo_bench.errors import ConfigError, DataError
-from gengeo_bench.synthetic_world import (
+from gengeo_bench.world_regions import (
     DEFAULT_UNMATCHED,
-    LABELS,
     REGIONS,
-    World,
     check_unmatched,
     describe_region,
     get_region,
     region_record,
-    render_batch,
 )
+
+if TYPE_CHECKING:
+    from gengeo_bench.synthetic_world import World
+
+# The scene and the cameras (`World`, `render_batch`) are imported where a world is
+# generated: importing them loads their compiled numba functions (about 1.4 s), which a
+# process that only reads a generated world (every Cell's) does not need.
 
 __all__ = ["REGIONS", "GENERATOR_VERSION", "Synthetic", "describe_region", "generate", "mask_path"]
 
 GENERATOR_VERSION = 1
 
 
+# the modules whose source defines the rendered world (`synthetic_world` names the others)
+SOURCE_MODULES = ("world_regions", "world_scene", "world_render", "synthetic_world")
+
+
 def _generator_fingerprint() -> str:
-    """A hash of the generator's modules (the world's `SOURCE_MODULES` and this writer): a
-    world cached by other code is regenerated even when nobody bumped GENERATOR_VERSION.
-    Any edit to one of them costs one regeneration (seconds for the quickstart's regions)."""
-    folder = Path(synthetic_world.__file__).parent
+    """A hash of the generator's modules (`SOURCE_MODULES` and this writer): a world cached
+    by other code is regenerated even when nobody bumped GENERATOR_VERSION. Any edit to one
+    of them costs one regeneration (seconds for the quickstart's regions)."""
+    folder = Path(__file__).resolve().parents[1]
     digest = hashlib.sha256()
-    for name in synthetic_world.SOURCE_MODULES:
+    for name in SOURCE_MODULES:
         digest.update((folder / f"{name}.py").read_bytes())
     digest.update(Path(__file__).read_bytes())
     return digest.hexdigest()[:16]
@@ -197,6 +204,8 @@ def _pair_seed(seed: int, index: int) -> int:
 
 def _world_record(region: str, seed: int, pairs: int, layout: str, aerial_size: int,
                   pano_size, test_fraction: float, unmatched: float) -> dict:
+    from gengeo_bench.synthetic_world import LABELS
+
     r = get_region(region)
     H, W = pano_size
     return {
@@ -265,7 +274,7 @@ def generate(
     unmatched = check_unmatched(unmatched)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    world = World(region, seed)
+    world = _world(region, seed)
     pano_size = (int(pano_size[0]), int(pano_size[1]))
     record = _world_record(region, seed, pairs, layout, aerial_size, pano_size, test_fraction,
                            unmatched)
@@ -292,11 +301,15 @@ def _split(n: int, seed: int, test_fraction: float) -> np.ndarray:
 
 @lru_cache(maxsize=4)
 def _world(region: str, seed: int) -> World:
+    from gengeo_bench.synthetic_world import World
+
     return World(region, seed)
 
 
 def _render_job(job: tuple) -> int:
     """Render one batch of cameras and write its files and masks (in a worker process)."""
+    from gengeo_bench.synthetic_world import render_batch
+
     kind, region, seed, cams, seeds, pano_size, aerial_size, paths, unmatched = job
     world = _world(region, seed)
     if kind == "pair":
