@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import gc
 import sys
 
@@ -489,6 +490,11 @@ def tune(study_file: str, n_trials: int | None, timeout: float | None, storage: 
 
 def main() -> None:
     """Console-script entry point: user-facing errors print one paragraph, no traceback."""
+    # The interpreter's last garbage collection walks torch's, MLflow's and Ray's object
+    # graphs for about 2 s before the process ends: at exit (after the other exit handlers,
+    # registered later), the objects are frozen and left to the OS. A process that calls
+    # main() and goes on (a test) keeps collecting until it ends.
+    atexit.register(gc.freeze)
     try:
         cli.main(standalone_mode=False)
     except click.exceptions.Abort:
@@ -504,10 +510,6 @@ def main() -> None:
         sys.exit(exc.exit_code)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
-    finally:
-        # The interpreter's last garbage collection walks torch's, MLflow's and Ray's object
-        # graphs for about 2 s before the process ends; frozen objects are left to the OS.
-        gc.freeze()
 
 
 if __name__ == "__main__":
