@@ -110,9 +110,9 @@ class Cluster:
         """Start Ray workers importing what a Cell needs while the driver creates the runs.
 
         A Ray worker's first task pays for importing torch, timm, MLflow and matplotlib
-        (about 5 s on a small CPU). One warm-up task per Cell,
-        with the Cells' resources, runs that on as many workers as can start now; Ray then
-        reuses those workers for the Cell tasks. Nothing waits for the warm-ups, and one
+        (about 5 s on a small CPU). One warm-up task per Cell, with the Cells' resources,
+        does that on as many workers as can start now; Ray then reuses those workers for
+        the Cell tasks (on a warm worker a warm-up returns at once). Nothing waits for the warm-ups, and one
         that fails only costs its Cell the same error later.
         """
         ray = _import_ray()
